@@ -1,0 +1,89 @@
+"""Backend selection shared by the operators: ``backend="auto" | "torch" | "triton" | "cpp"``.
+
+Each operator owns a :class:`KernelTable` listing the backends it implements (a forward and a backward function
+each) and the order "auto" tries them in on each device type. ``LIBRA_BACKEND`` in the environment changes what
+"auto" means for a whole run: the named backend is used wherever the operator has it for the device, and the
+usual order applies elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("torch", "triton", "cpp")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One backend's implementation of an operator.
+
+    ``forward``/``backward`` are plain functions (called inside the registered op); ``unavailable`` returns why the
+    backend cannot run on a device now (an empty string when it can).
+    """
+
+    forward: Callable
+    backward: Callable
+    unavailable: Callable[[torch.device], str]
+
+
+def always_available(device: torch.device) -> str:
+    """The ``unavailable`` check of a backend that runs on every device (the PyTorch reference)."""
+    return ""
+
+
+class KernelTable:
+    """The backends of one operator and the order in which "auto" tries them per device type."""
+
+    def __init__(self, op_name: str, auto_order: dict[str, tuple[str, ...]]):
+        self.op_name = op_name
+        self.auto_order = auto_order
+        self.kernels: dict[str, Kernel] = {}
+
+    def register(self, backend: str, kernel: Kernel) -> None:
+        """Add (or replace) the kernel of ``backend``."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        self.kernels[backend] = kernel
+
+    def get(self, backend: str) -> Kernel:
+        """The kernel of an already resolved backend name."""
+        try:
+            return self.kernels[backend]
+        except KeyError:
+            raise ValueError(f"{self.op_name} has no {backend!r} backend (it has: {', '.join(self.kernels)})") from None
+
+    @torch.compiler.assume_constant_result
+    def resolve(self, backend: str, device: torch.device) -> str:
+        """Turn the user's ``backend`` argument into the name of a backend that can run on ``device``.
+
+        Raises ValueError for an unknown name or one this operator lacks, RuntimeError when the named backend
+        exists but cannot run here (for example the C++ extension is not built, or Triton without a GPU).
+        Under torch.compile the answer is computed once at trace time and baked into the graph.
+        """
+        if not isinstance(backend, str):
+            raise TypeError(f"{self.op_name}: backend must be a string, got {type(backend).__name__}")
+        if backend == "auto":
+            return self._auto(device)
+        if backend not in BACKENDS:
+            raise ValueError(f"{self.op_name}: backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; "
+                             f"got {backend!r}")
+        reason = self.get(backend).unavailable(device)
+        if reason:
+            raise RuntimeError(f"{self.op_name}: backend {backend!r} cannot run on {device.type}: {reason}")
+        return backend
+
+    def _auto(self, device: torch.device) -> str:
+        preferred = os.environ.get("LIBRA_BACKEND", "auto")
+        if preferred != "auto" and preferred not in BACKENDS:
+            choices = ", ".join(map(repr, BACKENDS))
+            raise ValueError(f"LIBRA_BACKEND must be one of 'auto', {choices}; got {preferred!r}")
+        candidates = ((preferred,) if preferred != "auto" else ()) + self.auto_order.get(device.type, ())
+        for name in candidates + ("torch",):
+            kernel = self.kernels.get(name)
+            if kernel is not None and not kernel.unavailable(device):
+                return name
+        raise RuntimeError(f"{self.op_name}: no backend can run on {device.type}")

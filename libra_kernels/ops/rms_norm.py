@@ -1,0 +1,151 @@
+"""Routed RMSNorm: LLaMA's RMSNorm with the text weight on rows [0, n_text) and the vision weight on the rest.
+
+Parts: the reference ``routed_rms_norm_ref``; the "torch" and "cpp" kernels; the registered operator
+``torch.ops.libra.routed_rms_norm`` (+ ``_backward``) with fake implementations and autograd; the public
+``routed_rms_norm``. The C++ kernels are ``torch.ops.libra.routed_rms_norm_fwd/_bwd`` (csrc/).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from libra_kernels import _ext
+from libra_kernels.backend import Kernel, KernelTable, always_available
+from libra_kernels.validation import check_floating, check_like, check_n_text, check_shape, check_tensor
+
+OP = "routed_rms_norm"
+
+
+def routed_rms_norm_ref(x: torch.Tensor, n_text: int, w_text: torch.Tensor, w_vision: torch.Tensor,
+                        eps: float = 1e-6) -> torch.Tensor:
+    """Pure-PyTorch reference, exactly LLaMA's RMSNorm per group.
+
+    x [T, D], w_text/w_vision [D], all of one floating dtype; returns [T, D] in x's dtype. The mean of squares is
+    taken in float32 (float64 for float64 input), and the normalised row is cast to x's dtype before the weight.
+    """
+    stat = x.to(torch.promote_types(x.dtype, torch.float32))
+    normed = (stat * torch.rsqrt(stat.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return torch.cat([w_text * normed[:n_text], w_vision * normed[n_text:]])
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_forward(x, n_text, w_text, w_vision, eps):
+    stat = x.to(_stat_dtype(x.dtype))
+    rstd = torch.rsqrt(stat.pow(2).mean(-1) + eps)
+    normed = (stat * rstd[:, None]).to(x.dtype)
+    y = torch.empty_like(x)
+    torch.mul(normed[:n_text], w_text, out=y[:n_text])
+    torch.mul(normed[n_text:], w_vision, out=y[n_text:])
+    return y, rstd
+
+
+def _torch_backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad, need_w_vision_grad):
+    acc = rstd.dtype
+    xhat = x.to(acc) * rstd[:, None]
+    weight = torch.cat([w_text.to(acc).expand(n_text, -1), w_vision.to(acc).expand(x.shape[0] - n_text, -1)])
+    grad = grad_y.to(acc)
+    dxhat = grad * weight
+    mean_dot = (dxhat * xhat).mean(-1, keepdim=True)
+    dx = (rstd[:, None] * (dxhat - xhat * mean_dot)).to(x.dtype)
+    empty = x.new_empty(0)
+    dw_text = (grad[:n_text] * xhat[:n_text]).sum(0).to(x.dtype) if need_w_text_grad else empty
+    dw_vision = (grad[n_text:] * xhat[n_text:]).sum(0).to(x.dtype) if need_w_vision_grad else empty
+    return dx, dw_text, dw_vision
+
+
+def _cpp_unavailable(device: torch.device) -> str:
+    if not _ext.cpp_extension_loaded():
+        return f"the C++ extension is not built; {_ext.BUILD_HINT}"
+    if not _ext.has_kernel("routed_rms_norm_fwd", device):
+        return f"the C++ extension was built without {device.type} kernels"
+    return ""
+
+
+TABLE = KernelTable(OP, auto_order={"cpu": ("cpp",), "cuda": ("cpp",)})
+TABLE.register("torch", Kernel(_torch_forward, _torch_backward, always_available))
+TABLE.register("cpp", Kernel(lambda *a: torch.ops.libra.routed_rms_norm_fwd(*a),
+                             lambda *a: torch.ops.libra.routed_rms_norm_bwd(*a), _cpp_unavailable))
+
+
+@torch.library.custom_op("libra::routed_rms_norm", mutates_args=())
+def routed_rms_norm_op(x: torch.Tensor, n_text: int, w_text: torch.Tensor, w_vision: torch.Tensor, eps: float,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Registered operator: returns (y [T, D], rstd [T] float32/float64) computed by the named backend."""
+    return TABLE.get(backend).forward(x, n_text, w_text, w_vision, eps)
+
+
+@torch.library.custom_op("libra::routed_rms_norm_backward", mutates_args=())
+def routed_rms_norm_backward_op(grad_y: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, n_text: int,
+                                w_text: torch.Tensor, w_vision: torch.Tensor, need_w_text_grad: bool,
+                                need_w_vision_grad: bool, backend: str
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered backward: (dx [T, D], dw_text [D] or [0], dw_vision [D] or [0]); [0] when not asked for."""
+    return TABLE.get(backend).backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad,
+                                       need_w_vision_grad)
+
+
+def _fake_forward(x, n_text, w_text, w_vision, eps, *backend):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=_stat_dtype(x.dtype))
+
+
+def _fake_backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad, need_w_vision_grad, *backend):
+    width = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(width if need_w_text_grad else 0),
+            x.new_empty(width if need_w_vision_grad else 0))
+
+
+torch.library.register_fake("libra::routed_rms_norm")(_fake_forward)
+torch.library.register_fake("libra::routed_rms_norm_backward")(_fake_backward)
+if _ext.cpp_extension_loaded():
+    torch.library.register_fake("libra::routed_rms_norm_fwd")(_fake_forward)
+    torch.library.register_fake("libra::routed_rms_norm_bwd")(_fake_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    x, n_text, w_text, w_vision, _eps, backend = inputs
+    ctx.save_for_backward(x, output[1], w_text, w_vision)
+    ctx.n_text, ctx.backend = n_text, backend
+
+
+def _backward(ctx, grad_y, _grad_rstd):
+    x, rstd, w_text, w_vision = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw_text, dw_vision = routed_rms_norm_backward_op(grad_y, x, rstd, ctx.n_text, w_text, w_vision,
+                                                         need[2], need[3], ctx.backend)
+    return dx, None, dw_text if need[2] else None, dw_vision if need[3] else None, None, None
+
+
+routed_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(x, n_text, w_text, w_vision, eps) -> None:
+    check_tensor(OP, "x", x, ndim=2)
+    check_floating(OP, "x", x)
+    check_n_text(OP, n_text, x.shape[0])
+    for name, weight in (("w_text", w_text), ("w_vision", w_vision)):
+        check_tensor(OP, name, weight)
+        check_shape(OP, name, weight, (x.shape[1],), "the hidden size of x")
+    check_like(OP, "x", x, w_text=w_text, w_vision=w_vision)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"{OP}: eps must be a positive number, got {eps!r}")
+
+
+def routed_rms_norm(x: torch.Tensor, n_text: int, w_text: torch.Tensor, w_vision: torch.Tensor, eps: float = 1e-6,
+                    *, backend: str = "auto") -> torch.Tensor:
+    """Routed RMSNorm of a sorted residual stream.
+
+    Args:
+        x: [T, D] float16/bfloat16/float32/float64; rows [0, n_text) are text, [n_text, T) vision.
+        n_text: number of text rows.
+        w_text, w_vision: [D], the dtype of x.
+        eps: added to the mean of squares (LLaMA-2 / Libra use 1e-6).
+        backend: "auto" (C++ kernel when built, else PyTorch), "torch" or "cpp".
+    Returns:
+        y [T, D] in x's dtype. Statistics are float32 (float64 for float64 input).
+    """
+    _validate(x, n_text, w_text, w_vision, eps)
+    name = TABLE.resolve(backend, x.device)
+    return routed_rms_norm_op(x, n_text, w_text, w_vision, float(eps), name)[0]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The one GPU check (under 8 minutes on an H100/H200): build the CUDA extension, run the gpu test tier,
+# run the benchmark suite, and leave logs and JSON under $OUT (default bench/results).
+# The GPU machine has torch with CUDA preinstalled, so only this package is installed (no dependencies).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+unset TRITON_INTERPRET
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+export MAX_JOBS=${MAX_JOBS:-16} LIBRA_BENCH_DIR="$OUT"
+status=0
+
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv || true
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+} 2>&1 | tee "$OUT/environment.txt"
+
+echo "== build"
+start=$(date +%s)
+python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20 | tee "$OUT/build.txt" || status=1
+echo "build took $(( $(date +%s) - start )) s" | tee -a "$OUT/build.txt"
+
+echo "== gpu tests"
+timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2>&1 \
+  | tail -40 | tee "$OUT/gpu-tests.txt" || status=1
+
+echo "== benchmarks"
+timeout 240 python3 -m pytest -q bench/ --benchmark -p no:cacheprovider --benchmark-json="$OUT/pytest-benchmark.json" \
+  2>&1 | tail -80 | tee "$OUT/bench.txt" || status=1
+
+exit $status

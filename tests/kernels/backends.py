@@ -1,0 +1,16 @@
+"""The backends of each operator that can run on this machine, for parametrising the kernel tests."""
+
+import torch
+
+from libra_kernels.ops import bridge_attention, cross_entropy, rms_norm, routed_linear
+
+
+def runnable(table, device="cpu"):
+    """Backends of a KernelTable that can run on ``device`` here (the reference "torch" always can)."""
+    return [name for name, kernel in table.kernels.items() if not kernel.unavailable(torch.device(device))]
+
+
+RMS_NORM = runnable(rms_norm.TABLE)
+ROUTED_LINEAR = runnable(routed_linear.TABLE)
+BRIDGE_ATTENTION = runnable(bridge_attention.TABLE)
+CROSS_ENTROPY = runnable(cross_entropy.TABLE)
