@@ -1,0 +1,378 @@
+"""The Libra language model on the sorted modality layout (LIBRA.md §1-§5, DESIGN.md §2).
+
+The residual stream lives in sorted [T, hidden] order (text rows first, then vision rows, each in (batch, position)
+order); every routed operator is a pair of plain operations on two contiguous slices, attention alone works in
+sequence order. All compute goes through the ``libra_kernels`` operators with the model's ``backend`` switch, so
+``backend="torch"`` is the model's own reference path. Parameter names are those of the released checkpoints
+(LIBRA.md Appendix A).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from libra_kernels import ModalityLayout, discrete_token_cross_entropy, routed_rms_norm
+from libra_model.config import LibraConfig
+from libra_model.modules.attention import AttentionContext, LibraAttention
+from libra_model.modules.cache import BridgeKVCache
+from libra_model.modules.embedding import LibraEmbeddings
+from libra_model.modules.layers import RMSNorm, check_backend, linear, op_backend
+from libra_model.modules.mlp import LibraMLP
+from libra_model.modules.rope import libra_1d_position_ids, libra_2d_position_ids, rotary_cos_sin
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LibraOutput:
+    """Result of a forward pass.
+
+    loss: float32 scalar (float64 for a float64 model) or None. logits: [C, B, N, V + Vv] (model dtype) or None;
+    -inf where a position cannot predict (the other modality). hidden_states: the final normed hidden states
+    [T, hidden] in sorted order. layout: the ModalityLayout used. past_key_values: the cache, when one was passed.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    layout: ModalityLayout | None = None
+    past_key_values: BridgeKVCache | None = None
+
+
+class LibraDecoderLayer(nn.Module):
+    """One decoder layer: routed norms around bridge attention and the routed MLP (LIBRA.md §2.1)."""
+
+    def __init__(self, config: LibraConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.self_attn = LibraAttention(config, layer_idx)
+        self.mlp = LibraMLP(config)
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm, self.post_attention_layernorm = RMSNorm(hidden, eps), RMSNorm(hidden, eps)
+        self.vision_input_layernorm = RMSNorm(hidden, eps)
+        self.vision_post_attention_layernorm = RMSNorm(hidden, eps)
+        self.backend: str | dict = "auto"
+
+    def _norm(self, h: torch.Tensor, n_text: int, text: RMSNorm, vision: RMSNorm) -> torch.Tensor:
+        return routed_rms_norm(h, n_text, text.weight, vision.weight, self.config.rms_norm_eps,
+                               backend=op_backend(self.backend, "routed_rms_norm"))
+
+    def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """h: [T, hidden] residual stream in sorted order. Returns the updated [T, hidden]."""
+        n_text = ctx.layout.n_text
+        h = h + self.self_attn(self._norm(h, n_text, self.input_layernorm, self.vision_input_layernorm), ctx)
+        x = self._norm(h, n_text, self.post_attention_layernorm, self.vision_post_attention_layernorm)
+        return h + self.mlp(x, n_text)
+
+
+class LibraModel(LibraEmbeddings):
+    """The decoder (``model.*`` names): routed embeddings, the layers, the routed final norm."""
+
+    def __init__(self, config: LibraConfig):
+        super().__init__()
+        self.config = config
+        self._init_embeddings(config)
+        self.layers = nn.ModuleList(LibraDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.vision_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.backend: str | dict = "auto"
+
+    def forward(self, input_ids: torch.Tensor, layout: ModalityLayout, ctx: AttentionContext,
+                contiguous_signal: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids int64 [C, B, N]; contiguous_signal [B, N, cs] or None. Returns the final routed-normed hidden
+        states [T, hidden] in sorted order."""
+        h = self.embed(input_ids, layout, contiguous_signal)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if checkpointing:
+                # Non-reentrant: works with inputs that do not require grad (frozen embeddings in stage 1).
+                h = checkpoint(layer, h, ctx, use_reentrant=False)
+            else:
+                h = layer(h, ctx)
+        return routed_rms_norm(h, layout.n_text, self.norm.weight, self.vision_norm.weight, self.config.rms_norm_eps,
+                               backend=op_backend(self.backend, "routed_rms_norm"))
+
+
+class LibraVisionHead(nn.Module):
+    """The per-codebook output heads ``vision_lm_head.heads.{c}`` (Linear hidden -> Vv each; 2·hidden in "2d")."""
+
+    def __init__(self, config: LibraConfig):
+        super().__init__()
+        width = config.hidden_size * (2 if config.vision_prediction_mode == "2d" else 1)
+        self.heads = nn.ModuleList(linear(width, config.vision_vocab_size) for _ in range(config.vision_codebook_num))
+
+    def stacked_weight(self) -> torch.Tensor:
+        """[C, Vv, width]: the heads' weights stacked (differentiable), as the loss operator takes them."""
+        return torch.stack([head.weight for head in self.heads])
+
+
+class LibraForCausalLM(nn.Module):
+    """Libra: the decoder plus the text head ``lm_head`` and the codebook heads ``vision_lm_head``.
+
+    ``backend`` ("auto" | "torch" | "triton" | "cpp", or a dict {operator: backend}) is passed to every operator.
+    ``lm_head_tp_group`` is handed to the loss as its ``process_group`` (a vocab-parallel text head).
+    """
+
+    def __init__(self, config: LibraConfig, backend: str | dict = "auto"):
+        super().__init__()
+        if not isinstance(config, LibraConfig):
+            raise TypeError(f"LibraForCausalLM: config must be a LibraConfig, got {type(config).__name__}")
+        if config.vision_prediction_mode != "1d":
+            raise NotImplementedError("LibraForCausalLM: vision_prediction_mode '2d' is not implemented (only '1d', "
+                                      "the released mode)")
+        self.config = config
+        self.model = LibraModel(config)
+        self.lm_head = linear(config.hidden_size, config.vocab_size)
+        self.vision_lm_head = LibraVisionHead(config)
+        # Only read in "2d" mode; kept so that released checkpoints load and the parameter count matches.
+        self.vision_hidden_placeholder = nn.Parameter(torch.empty(config.hidden_size))
+        self.lm_head_tp_group = None
+        self.set_backend(backend)
+        self.init_weights()
+
+    # ------------------------------------------------------------------------------------------ setup
+    def set_backend(self, backend: str | dict) -> None:
+        """Use ``backend`` for every operator of every block from now on."""
+        backend = check_backend(backend)
+        for module in self.modules():
+            if module is not self and hasattr(module, "backend"):
+                module.backend = backend
+
+    @property
+    def backend(self) -> str | dict:
+        """The operator backend switch in use."""
+        return self.model.backend
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint) to save activations."""
+        self.model.gradient_checkpointing = enabled
+
+    def init_weights(self, only: set[str] | None = None) -> None:
+        """Initialise parameters as LIBRA.md §2.3 (all of them, or only the names in ``only``): low-rank A ~ N(0,
+        σ²); B ~ N(0, σ²) for experts, B = 0 for bridges (and for every low-rank B in addition_mode); norm weights
+        1; embeddings, heads, the signal projector, the LLaMA linears and the placeholder ~ N(0, σ²)."""
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for module_name, module in self.named_modules():
+                for param_name, param in module.named_parameters(recurse=False):
+                    full_name = f"{module_name}.{param_name}" if module_name else param_name
+                    if only is not None and full_name not in only:
+                        continue
+                    if isinstance(module, RMSNorm):
+                        param.fill_(1.0)
+                    elif param_name == "weight_B" and ("_bridge_on_" in module_name or self.config.addition_mode):
+                        param.zero_()
+                    else:
+                        param.normal_(0.0, std)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, vision_indices: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                contiguous_signal: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                return_logits: bool | None = None, layout: ModalityLayout | None = None,
+                past_key_values: BridgeKVCache | None = None, position_ids: torch.Tensor | None = None,
+                ignore_index: int = IGNORE_INDEX) -> LibraOutput:
+        """Run the model.
+
+        Args:
+            input_ids: int64 [C, B, N] in the combined id space (text ids in [0, V) identical in all C rows; row c
+                of a vision position holds V + its id in codebook c; BOI/EOI are V+Vv-2 / V+Vv-1).
+            vision_indices: int [B, N]: 0 = BOI, 1..R² codes, R²+1 = EOI, max_vision_token_length = text/padding.
+            attention_mask: [B, N] (nonzero/True = real token) or None (all real). With a mask, RoPE positions are
+                the running count of real tokens minus one (left padding works).
+            contiguous_signal: float [B, N, contiguous_signal_size] or None (zeros).
+            labels: int64 [C, B, N] or None. Shifted inside like HF (position n predicts label n+1); values are
+                ids of the combined space or ``ignore_index``; a cross-modal target raises ValueError.
+            return_logits: build the [C, B, N, V + Vv] logits (default: only when no labels are given).
+            layout: a precomputed ModalityLayout of ``vision_indices`` (from the collator) or None.
+            past_key_values: a BridgeKVCache to read and extend (incremental decoding) or None.
+            position_ids: int64 [B, N] (or [B, 2, N] with use_2d_rope) to override the computed positions.
+        Returns:
+            LibraOutput with ``loss`` (when labels are given), ``logits`` (when asked), the sorted final hidden
+            states and the layout.
+        """
+        config = self.config
+        batch, length = _check_inputs(config, input_ids, vision_indices, attention_mask, contiguous_signal, labels,
+                                      layout)
+        if layout is None:
+            layout = ModalityLayout.from_vision_indices(vision_indices, config.max_vision_token_length)
+        cache = past_key_values
+        ctx = self._attention_context(vision_indices, attention_mask, layout, cache, position_ids)
+        hidden = self.model(input_ids, layout, ctx, contiguous_signal)
+        if cache is not None:
+            cache.end()
+        loss = None
+        if labels is not None:
+            loss = self.loss(hidden, layout, labels, ignore_index=ignore_index)
+        if return_logits is None:
+            return_logits = labels is None
+        logits = self.logits(hidden, layout) if return_logits else None
+        return LibraOutput(loss=loss, logits=logits, hidden_states=hidden, layout=layout, past_key_values=cache)
+
+    def _attention_context(self, vision_indices, attention_mask, layout, cache, position_ids) -> AttentionContext:
+        config = self.config
+        batch, length = layout.shape
+        device = vision_indices.device
+        mask = None if attention_mask is None else attention_mask != 0
+        start = getattr(cache, "rope_start", None) if cache is not None and cache.length else None
+        if config.use_2d_rope:
+            computed, running = libra_2d_position_ids(vision_indices, config.image_feature_resolution, mask, start)
+        else:
+            computed = libra_1d_position_ids(mask, batch, length, device, start)
+            running = computed.new_full((batch,), length) if mask is None else mask.sum(-1)
+            if start is not None:
+                running = running + start
+        if cache is not None:
+            cache.rope_start = running
+        positions = computed if position_ids is None else position_ids
+        heads = self.model.layers[0].self_attn.q_proj.weight.shape[0] // config.head_dim if config.use_2d_rope \
+            else None
+        dtype = self.model.embed_tokens.weight.dtype
+        cos, sin = rotary_cos_sin(positions.to(device), config.head_dim, config.rope_theta, dtype, heads)
+        if cache is not None:
+            padding = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+            vision_all, padding_all = cache.begin(layout.vision_mask, padding)
+            return AttentionContext(layout, cos, sin, vision_all, padding_all, cache)
+        return AttentionContext(layout, cos, sin, layout.vision_mask, mask, None)
+
+    # ------------------------------------------------------------------------------------------ heads
+    def loss(self, hidden: torch.Tensor, layout: ModalityLayout, labels: torch.Tensor,
+             ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        """Libra's loss (LIBRA.md §5.3) from the sorted final hidden states [T, hidden] and unshifted labels
+        int64 [C, B, N]: shift in sequence order (position n predicts n+1), sort with the layout, then the fused
+        discrete-token cross entropy (text head on text rows, codebook c's head on vision rows)."""
+        codebooks, batch, length = labels.shape
+        shifted = torch.cat([labels[..., 1:], labels.new_full((codebooks, batch, 1), ignore_index)], dim=-1)
+        sorted_labels = shifted.reshape(codebooks, batch * length).index_select(1, layout.sort_index)
+        return discrete_token_cross_entropy(hidden, layout.n_text, self.lm_head.weight,
+                                            self.vision_lm_head.stacked_weight(), sorted_labels,
+                                            ignore_index=ignore_index, process_group=self.lm_head_tp_group,
+                                            backend=op_backend(self.backend, "discrete_token_cross_entropy"))
+
+    def _text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.lm_head.weight)
+        group = self.lm_head_tp_group
+        if group is not None:
+            import torch.distributed as dist
+
+            if dist.get_world_size(group) > 1:
+                # A vocab-parallel head holds a slice of the vocabulary: gather the slices (inference only).
+                parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(parts, logits.contiguous(), group=group)
+                logits = torch.cat(parts, dim=-1)
+        return logits
+
+    def logits(self, hidden: torch.Tensor, layout: ModalityLayout) -> torch.Tensor:
+        """Full logits [C, B, N, V + Vv] (model dtype) from the sorted hidden states [T, hidden]: text positions get
+        the text head's logits and -inf over the codebook ids (the same in every row c), vision positions in row c
+        get -inf over the text ids and codebook c's logits."""
+        config, n_text = self.config, layout.n_text
+        batch, length = layout.shape
+        codebooks, vocab = config.vision_codebook_num, config.vocab_size
+        out = hidden.new_full((codebooks, hidden.shape[0], config.total_vocab_size), float("-inf"))
+        out[:, :n_text, :vocab] = self._text_logits(hidden[:n_text])
+        for c, head in enumerate(self.vision_lm_head.heads):
+            out[c, n_text:, vocab:] = F.linear(hidden[n_text:], head.weight)
+        return out.index_select(1, layout.row_of.reshape(-1)).view(codebooks, batch, length, -1)
+
+    def last_logits(self, hidden: torch.Tensor, layout: ModalityLayout) -> torch.Tensor:
+        """Logits [C, B, V + Vv] of the last position of every sequence (what decoding needs), with the same -inf
+        convention as :meth:`logits`, without building the full tensor."""
+        config = self.config
+        vocab = config.vocab_size
+        rows = layout.row_of[:, -1]
+        h = hidden.index_select(0, rows)  # [B, hidden]
+        is_vision = layout.vision_mask[:, -1]
+        text = self._text_logits(h)
+        out = h.new_full((config.vision_codebook_num, h.shape[0], config.total_vocab_size), float("-inf"))
+        for c, head in enumerate(self.vision_lm_head.heads):
+            vision = F.linear(h, head.weight)
+            out[c, :, :vocab] = torch.where(is_vision[:, None], float("-inf"), text)
+            out[c, :, vocab:] = torch.where(is_vision[:, None], vision, float("-inf"))
+        return out
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def num_parameters(self) -> int:
+        """Total number of parameter elements."""
+        return sum(p.numel() for p in self.parameters())
+
+    def generate(self, *args, **kwargs):
+        """Batched decoding with the bridge KV cache: see :func:`libra_model.generation.generate`."""
+        from libra_model.generation import generate
+
+        return generate(self, *args, **kwargs)
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        """Write config.json and safetensors shards: see :func:`libra_model.checkpoint.save_pretrained`."""
+        from libra_model.checkpoint import save_pretrained
+
+        save_pretrained(self, directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> LibraForCausalLM:
+        """Load a released Libra checkpoint or one of our saves: see :func:`libra_model.checkpoint.load_libra`."""
+        from libra_model.checkpoint import load_libra
+
+        return load_libra(directory, model_class=cls, **kwargs)
+
+
+def _check_inputs(config: LibraConfig, input_ids, vision_indices, attention_mask, contiguous_signal, labels,
+                  layout) -> tuple[int, int]:
+    """Shape/dtype checks (TypeError/ValueError naming the argument) and one combined device-to-host read for the
+    value checks: the modality of the ids must agree with vision_indices, ids must be in range and text ids equal
+    across the codebook rows."""
+    name = "LibraForCausalLM"
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64:
+        raise TypeError(f"{name}: input_ids must be an int64 tensor [C, B, N]")
+    if input_ids.dim() != 3 or input_ids.shape[0] != config.vision_codebook_num:
+        raise ValueError(f"{name}: input_ids must be [C={config.vision_codebook_num}, B, N], "
+                         f"got {tuple(input_ids.shape)}")
+    _, batch, length = input_ids.shape
+    if not isinstance(vision_indices, torch.Tensor) or vision_indices.dtype.is_floating_point \
+            or vision_indices.dtype == torch.bool:
+        raise TypeError(f"{name}: vision_indices must be an integer tensor [B, N]")
+    if tuple(vision_indices.shape) != (batch, length):
+        raise ValueError(f"{name}: vision_indices must be [B, N] = {(batch, length)} like input_ids, "
+                         f"got {tuple(vision_indices.shape)}")
+    if vision_indices.device != input_ids.device:
+        raise ValueError(f"{name}: vision_indices is on {vision_indices.device}, input_ids on {input_ids.device}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(f"{name}: attention_mask must be a [B, N] = {(batch, length)} tensor or None")
+    if contiguous_signal is not None:
+        if not isinstance(contiguous_signal, torch.Tensor) or not contiguous_signal.is_floating_point():
+            raise TypeError(f"{name}: contiguous_signal must be a floating tensor [B, N, cs] or None")
+        if tuple(contiguous_signal.shape) != (batch, length, config.contiguous_signal_size):
+            raise ValueError(f"{name}: contiguous_signal must be [B, N, {config.contiguous_signal_size}] = "
+                             f"{(batch, length, config.contiguous_signal_size)}, got {tuple(contiguous_signal.shape)}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+            raise TypeError(f"{name}: labels must be an int64 tensor [C, B, N] or None")
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"{name}: labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(labels.shape)}")
+    if layout is not None and (not isinstance(layout, ModalityLayout) or layout.shape != (batch, length)):
+        raise ValueError(f"{name}: layout must be a ModalityLayout of shape {(batch, length)}")
+    vocab, limit = config.vocab_size, config.max_vision_token_length
+    is_vision = vision_indices < limit
+    ids_vision = input_ids >= vocab
+    problems = torch.stack([
+        ((vision_indices < 0) | (vision_indices > limit)).any(),
+        (ids_vision != is_vision[None]).any(),
+        ((input_ids < 0) | (input_ids >= config.total_vocab_size)).any(),
+        ((input_ids != input_ids[:1]) & ~is_vision[None]).any(),
+    ]).tolist()
+    messages = (f"vision_indices must be in [0, {limit}]",
+                f"input_ids and vision_indices disagree on which positions are vision tokens (ids >= {vocab} must be "
+                f"exactly where vision_indices < {limit})",
+                f"input_ids must be in [0, {config.total_vocab_size})",
+                "text positions must hold the same id in every codebook row of input_ids")
+    for bad, message in zip(problems, messages):
+        if bad:
+            raise ValueError(f"{name}: {message}")
+    return batch, length
