@@ -1,13 +1,41 @@
 // Schemas of the C++ operators of namespace libra. Kernels are registered per device in csrc/cpu and
-// csrc/cuda; fake (meta) implementations and autograd are registered from Python (libra_kernels/_ext.py).
+// csrc/cuda (csrc/routed_linear.cpp serves both devices through ATen's GEMMs); fake (meta) implementations and
+// autograd are registered from Python (libra_kernels/ops/*.py).
 // Other operator families add their schemas with TORCH_LIBRARY_FRAGMENT(libra, m) in their own files.
 #include <torch/library.h>
 
 TORCH_LIBRARY(libra, m) {
-  // y [T, D] (dtype of x), rstd [T] float32 (float64 for float64 input). Rows [0, n_text) use w_text.
+  // ---- routed RMSNorm: rows [0, n_text) use w_text, rows [n_text, T) w_vision.
+  // y [T, D] (dtype of x), rstd [T] float32 (float64 for float64 input).
   m.def("routed_rms_norm_fwd(Tensor x, SymInt n_text, Tensor w_text, Tensor w_vision, float eps) -> (Tensor, Tensor)");
+  // The fused residual add: h = x + residual (rounded to x's dtype, as an eager add), y = routed_rms_norm(h).
+  // Returns (y, h, rstd).
+  m.def(
+      "routed_add_rms_norm_fwd(Tensor x, Tensor residual, SymInt n_text, Tensor w_text, Tensor w_vision, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
   // Returns (dx, dw_text, dw_vision); a weight gradient that is not asked for is returned as an empty [0] tensor.
+  // x is the normalised input (h for the fused add); grad_h, when given, is the gradient that reached h directly
+  // (through the returned residual stream) and is added to dx.
   m.def(
       "routed_rms_norm_bwd(Tensor grad_y, Tensor x, Tensor rstd, SymInt n_text, Tensor w_text, Tensor w_vision, "
-      "bool need_w_text_grad, bool need_w_vision_grad) -> (Tensor, Tensor, Tensor)");
+      "bool need_w_text_grad, bool need_w_vision_grad, Tensor? grad_h=None) -> (Tensor, Tensor, Tensor)");
+
+  // ---- routed linear: GEMMs on the two contiguous row slices, written straight into one output.
+  // Returns (y [T, out], low [T - n_text, r]): low = x[n_text:] @ w_vision_a.T is kept for the gradient of
+  // w_vision_b (an empty [0] tensor for a dense vision weight, w_vision_b None).
+  m.def(
+      "routed_linear_fwd(Tensor x, SymInt n_text, Tensor w_text, Tensor w_vision_a, Tensor? w_vision_b) "
+      "-> (Tensor, Tensor)");
+  // needs = which of (x, w_text, w_vision_a, w_vision_b) want a gradient; an unwanted one is an empty [0] tensor
+  // and costs no GEMM.
+  m.def(
+      "routed_linear_bwd(Tensor grad_y, Tensor x, Tensor low, SymInt n_text, Tensor w_text, Tensor w_vision_a, "
+      "Tensor? w_vision_b, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- modality layout (DESIGN.md §2).
+  // vision_mask bool [B, N] -> (sort_index int64 [T], row_of int64 [B, N], counts int64 [2] = (n_text, n_vision)),
+  // all on the mask's device; nothing is read back to the host.
+  m.def("modality_layout(Tensor vision_mask) -> (Tensor, Tensor, Tensor)");
+  // out[r] = x[index[r]] for the rows of x [T, ...]; index int64 [T] must be a permutation of [0, T).
+  m.def("permute_rows(Tensor x, Tensor index) -> Tensor");
 }

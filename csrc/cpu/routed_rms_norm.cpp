@@ -1,19 +1,21 @@
 // CPU kernels of the routed RMSNorm (LLaMA semantics): rows [0, n_text) use w_text, rows [n_text, T) w_vision.
-//   rstd = 1 / sqrt(mean(x^2) + eps)  (accumulated in float32, float64 for float64 input)
-//   y    = w * cast(x * rstd)         (the normalised row is rounded to x's dtype before the weight, as in LLaMA)
+//   h    = x + residual                (optional fused add, rounded to x's dtype like an eager add)
+//   rstd = 1 / sqrt(mean(h^2) + eps)  (accumulated in float32, float64 for float64 input)
+//   y    = w * cast(h * rstd)         (the normalised row is rounded to x's dtype before the weight, as in LLaMA)
+// The backward runs the block partition of the CUDA kernel (libra::block_rows): per-block float32 partial sums of
+// the weight gradients, text and vision rows never in one block, then one sum over the blocks of each group.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "libra_common.h"
 
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;
+constexpr int64_t kRowsPerBackwardBlock = 64;
 
 void check_inputs(const at::Tensor& x, int64_t n_text, const at::Tensor& w_text, const at::Tensor& w_vision) {
   TORCH_CHECK(x.dim() == 2, "routed_rms_norm: x must be [T, D]");
@@ -24,113 +26,152 @@ void check_inputs(const at::Tensor& x, int64_t n_text, const at::Tensor& w_text,
               "routed_rms_norm: weights must have the dtype of x");
 }
 
-std::tuple<at::Tensor, at::Tensor> routed_rms_norm_fwd_cpu(const at::Tensor& x_in, int64_t n_text,
-                                                           const at::Tensor& w_text_in, const at::Tensor& w_vision_in,
-                                                           double eps) {
+at::ScalarType stat_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Normalises rows of x (or of h = x + residual, written to h, when residual is not null).
+template <typename scalar_t>
+void forward_rows(const scalar_t* x, const scalar_t* residual, scalar_t* h, scalar_t* y,
+                  at::opmath_type<scalar_t>* rstd, const scalar_t* w_text, const scalar_t* w_vision, int64_t rows,
+                  int64_t n_text, int64_t width, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t offset = r * width;
+      acc_t sum_sq = 0;
+      for (int64_t j = 0; j < width; ++j) {
+        acc_t v = static_cast<acc_t>(x[offset + j]);
+        if (residual != nullptr) {
+          const scalar_t sum = static_cast<scalar_t>(v + static_cast<acc_t>(residual[offset + j]));
+          h[offset + j] = sum;
+          v = static_cast<acc_t>(sum);
+        }
+        sum_sq += v * v;
+      }
+      const acc_t inv = libra::rms_inverse<acc_t>(sum_sq, width, static_cast<acc_t>(eps));
+      rstd[r] = inv;
+      const scalar_t* src = residual != nullptr ? h + offset : x + offset;
+      const scalar_t* w = r < n_text ? w_text : w_vision;
+      for (int64_t j = 0; j < width; ++j) {
+        const scalar_t xhat = static_cast<scalar_t>(static_cast<acc_t>(src[j]) * inv);
+        y[offset + j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) * static_cast<acc_t>(xhat));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const at::Tensor* residual_in,
+                                                       int64_t n_text, const at::Tensor& w_text_in,
+                                                       const at::Tensor& w_vision_in, double eps) {
   check_inputs(x_in, n_text, w_text_in, w_vision_in);
   const auto x = x_in.contiguous();
   const auto w_text = w_text_in.contiguous();
   const auto w_vision = w_vision_in.contiguous();
-  const int64_t rows = x.size(0), width = x.size(1);
+  at::Tensor residual, h;
+  if (residual_in != nullptr) {
+    TORCH_CHECK(residual_in->sizes() == x.sizes() && residual_in->scalar_type() == x.scalar_type(),
+                "routed_add_rms_norm: residual must have the shape and dtype of x");
+    residual = residual_in->contiguous();
+    h = at::empty_like(x);
+  }
   auto y = at::empty_like(x);
-  const auto stat_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto rstd = at::empty({rows}, x.options().dtype(stat_dtype));
+  auto rstd = at::empty({x.size(0)}, x.options().dtype(stat_type(x)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_rms_norm_fwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wt = w_text.data_ptr<scalar_t>();
-    const scalar_t* wv = w_vision.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    acc_t* rp = rstd.data_ptr<acc_t>();
-    at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = xp + r * width;
-        const scalar_t* w = r < n_text ? wt : wv;
-        acc_t sum_sq = 0;
-        for (int64_t j = 0; j < width; ++j) {
-          const acc_t v = static_cast<acc_t>(row[j]);
-          sum_sq += v * v;
-        }
-        const acc_t inv = libra::rms_inverse<acc_t>(sum_sq, width, static_cast<acc_t>(eps));
-        rp[r] = inv;
-        for (int64_t j = 0; j < width; ++j) {
-          const scalar_t xhat = static_cast<scalar_t>(static_cast<acc_t>(row[j]) * inv);
-          yp[r * width + j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) * static_cast<acc_t>(xhat));
-        }
-      }
-    });
+    forward_rows<scalar_t>(x.data_ptr<scalar_t>(), residual.defined() ? residual.data_ptr<scalar_t>() : nullptr,
+                           h.defined() ? h.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                           rstd.data_ptr<at::opmath_type<scalar_t>>(), w_text.data_ptr<scalar_t>(),
+                           w_vision.data_ptr<scalar_t>(), x.size(0), n_text, x.size(1), eps);
   });
+  return {y, h, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> routed_rms_norm_fwd_cpu(const at::Tensor& x, int64_t n_text,
+                                                           const at::Tensor& w_text, const at::Tensor& w_vision,
+                                                           double eps) {
+  auto [y, h, rstd] = forward(x, nullptr, n_text, w_text, w_vision, eps);
   return {y, rstd};
 }
 
-// Sums dy * xhat over rows [begin, end) into a [D] weight gradient, in blocks of rows so both cores help.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_add_rms_norm_fwd_cpu(const at::Tensor& x,
+                                                                           const at::Tensor& residual, int64_t n_text,
+                                                                           const at::Tensor& w_text,
+                                                                           const at::Tensor& w_vision, double eps) {
+  return forward(x, &residual, n_text, w_text, w_vision, eps);
+}
+
+// One backward block: dx of its rows (plus grad_h when given) and, when partial is not null, the block's
+// float32 partial sums of dy * xhat for the weight of its group.
 template <typename scalar_t, typename acc_t>
-at::Tensor weight_grad(const scalar_t* dy, const scalar_t* x, const acc_t* rstd, int64_t begin, int64_t end,
-                       int64_t width, const at::TensorOptions& options) {
-  const int64_t rows = end - begin;
-  const int64_t n_blocks = std::max<int64_t>(1, (rows + 255) / 256);
-  auto partial = at::zeros({n_blocks, width}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
-  acc_t* pp = partial.template data_ptr<acc_t>();
-  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      acc_t* acc = pp + b * width;
-      const int64_t r_end = std::min(end, begin + (b + 1) * 256);
-      for (int64_t r = begin + b * 256; r < r_end; ++r) {
-        for (int64_t j = 0; j < width; ++j) {
-          acc[j] += static_cast<acc_t>(dy[r * width + j]) * static_cast<acc_t>(x[r * width + j]) * rstd[r];
-        }
+void backward_block(const scalar_t* dy, const scalar_t* x, const acc_t* rstd, const scalar_t* w, const scalar_t* grad_h,
+                    scalar_t* dx, acc_t* partial, int64_t begin, int64_t count, int64_t width) {
+  for (int64_t r = begin; r < begin + count; ++r) {
+    const int64_t offset = r * width;
+    const acc_t inv = rstd[r];
+    acc_t dot = 0;
+    for (int64_t j = 0; j < width; ++j) {
+      const acc_t xhat = static_cast<acc_t>(x[offset + j]) * inv;
+      dot += static_cast<acc_t>(dy[offset + j]) * static_cast<acc_t>(w[j]) * xhat;
+    }
+    const acc_t mean_dot = dot / static_cast<acc_t>(width);
+    for (int64_t j = 0; j < width; ++j) {
+      const acc_t g = static_cast<acc_t>(dy[offset + j]);
+      const acc_t xhat = static_cast<acc_t>(x[offset + j]) * inv;
+      acc_t d = libra::rms_norm_input_grad<acc_t>(g * static_cast<acc_t>(w[j]), xhat, mean_dot, inv);
+      if (grad_h != nullptr) {
+        d += static_cast<acc_t>(grad_h[offset + j]);
+      }
+      dx[offset + j] = static_cast<scalar_t>(d);
+      if (partial != nullptr) {
+        partial[j] += g * xhat;
       }
     }
-  });
-  return partial.sum(0);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_rms_norm_bwd_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& rstd_in, int64_t n_text,
-    const at::Tensor& w_text_in, const at::Tensor& w_vision_in, bool need_w_text_grad, bool need_w_vision_grad) {
+    const at::Tensor& w_text_in, const at::Tensor& w_vision_in, bool need_w_text_grad, bool need_w_vision_grad,
+    const c10::optional<at::Tensor>& grad_h_in) {
   check_inputs(x_in, n_text, w_text_in, w_vision_in);
   TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), "routed_rms_norm_bwd: grad_y must have the shape of x");
+  TORCH_CHECK(rstd_in.dim() == 1 && rstd_in.size(0) == x_in.size(0) && rstd_in.scalar_type() == stat_type(x_in),
+              "routed_rms_norm_bwd: rstd must be [T] float32 (float64 for float64 x)");
   const auto dy = grad_y_in.contiguous().to(x_in.scalar_type());
   const auto x = x_in.contiguous();
   const auto rstd = rstd_in.contiguous();
   const auto w_text = w_text_in.contiguous();
   const auto w_vision = w_vision_in.contiguous();
+  at::Tensor grad_h;
+  if (grad_h_in.has_value()) {
+    TORCH_CHECK(grad_h_in->sizes() == x.sizes(), "routed_rms_norm_bwd: grad_h must have the shape of x");
+    grad_h = grad_h_in->contiguous().to(x.scalar_type());
+  }
   const int64_t rows = x.size(0), width = x.size(1);
+  const int64_t text_blocks = libra::blocks_for_rows(n_text, kRowsPerBackwardBlock);
+  const int64_t n_blocks = text_blocks + libra::blocks_for_rows(rows - n_text, kRowsPerBackwardBlock);
+  const bool need_partial = need_w_text_grad || need_w_vision_grad;
   auto dx = at::empty_like(x);
-  at::Tensor dw_text = at::empty({0}, x.options());
-  at::Tensor dw_vision = at::empty({0}, x.options());
+  auto partial = at::zeros({need_partial ? n_blocks : 0, width}, x.options().dtype(stat_type(x)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_rms_norm_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* dyp = dy.data_ptr<scalar_t>();
     const scalar_t* wt = w_text.data_ptr<scalar_t>();
     const scalar_t* wv = w_vision.data_ptr<scalar_t>();
-    const acc_t* rp = rstd.data_ptr<acc_t>();
-    scalar_t* dxp = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* w = r < n_text ? wt : wv;
-        const acc_t inv = rp[r];
-        acc_t dot = 0;
-        for (int64_t j = 0; j < width; ++j) {
-          const acc_t xhat = static_cast<acc_t>(xp[r * width + j]) * inv;
-          dot += static_cast<acc_t>(dyp[r * width + j]) * static_cast<acc_t>(w[j]) * xhat;
-        }
-        const acc_t mean_dot = dot / static_cast<acc_t>(width);
-        for (int64_t j = 0; j < width; ++j) {
-          const acc_t xhat = static_cast<acc_t>(xp[r * width + j]) * inv;
-          const acc_t dxhat = static_cast<acc_t>(dyp[r * width + j]) * static_cast<acc_t>(w[j]);
-          dxp[r * width + j] = static_cast<scalar_t>(libra::rms_norm_input_grad<acc_t>(dxhat, xhat, mean_dot, inv));
-        }
+    const scalar_t* gh = grad_h.defined() ? grad_h.data_ptr<scalar_t>() : nullptr;
+    acc_t* pp = need_partial ? partial.data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t begin = 0, count = 0;
+        bool is_text = true;
+        libra::block_rows(b, text_blocks, n_text, rows, kRowsPerBackwardBlock, &begin, &count, &is_text);
+        backward_block<scalar_t, acc_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(),
+                                        is_text ? wt : wv, gh, dx.data_ptr<scalar_t>(),
+                                        pp == nullptr ? nullptr : pp + b * width, begin, count, width);
       }
     });
-    if (need_w_text_grad) {
-      dw_text = weight_grad<scalar_t, acc_t>(dyp, xp, rp, 0, n_text, width, x.options()).to(x.scalar_type());
-    }
-    if (need_w_vision_grad) {
-      dw_vision = weight_grad<scalar_t, acc_t>(dyp, xp, rp, n_text, rows, width, x.options()).to(x.scalar_type());
-    }
   });
+  const auto none = at::empty({0}, x.options());
+  const auto dw_text = need_w_text_grad ? partial.narrow(0, 0, text_blocks).sum(0).to(x.scalar_type()) : none;
+  const auto dw_vision =
+      need_w_vision_grad ? partial.narrow(0, text_blocks, n_blocks - text_blocks).sum(0).to(x.scalar_type()) : none;
   return {dx, dw_text, dw_vision};
 }
 
@@ -138,5 +179,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_rms_norm_bwd_cpu(
 
 TORCH_LIBRARY_IMPL(libra, CPU, m) {
   m.impl("routed_rms_norm_fwd", &routed_rms_norm_fwd_cpu);
+  m.impl("routed_add_rms_norm_fwd", &routed_add_rms_norm_fwd_cpu);
   m.impl("routed_rms_norm_bwd", &routed_rms_norm_bwd_cpu);
 }
