@@ -104,8 +104,9 @@ def check_replicated_equal(named: list[tuple[str, torch.Tensor]], tp_group) -> N
         return
     for name, tensor in named:
         flat = tensor.detach().reshape(-1).contiguous()
-        gathered = torch.empty((tp, flat.numel()), dtype=flat.dtype, device=flat.device)
+        gathered = torch.empty(tp * flat.numel(), dtype=flat.dtype, device=flat.device)
         dist.all_gather_into_tensor(gathered, flat, group=tp_group)
+        gathered = gathered.view(tp, -1)
         if not all(torch.equal(gathered[0], gathered[r]) for r in range(1, tp)):
             diff = (gathered - gathered[0]).abs().max().item()
             raise AssertionError(f"replicated tensor {name} differs across TP ranks (max abs difference {diff})")

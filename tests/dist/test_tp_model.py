@@ -1,0 +1,162 @@
+"""TP=2 equals TP=1 and DP=2 equals one process with the doubled batch, on the whole tiny model (gloo, float64).
+
+Each launch runs several checks, since a launch costs seconds."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from libra_dist_helpers import clone, make_batch, slice_batch, tiny_model
+
+from libra_kernels.testing import run_in_process_group
+from libra_model.optim import MasterAdamW
+from libra_model.parallel.comm import COLLECTIVES
+from libra_model.parallel.grads import check_replicated_equal
+from libra_model.parallel.layout import is_tp_partial, is_tp_sharded, local_shard, shard_model_, tp_rule
+from libra_model.parallel.mesh import ParallelState, init_parallel
+from libra_model.parallel.step import forward_loss, train_step
+
+pytestmark = pytest.mark.dist
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _freeze_language(model):
+    for name, param in model.named_parameters():
+        param.requires_grad_("vision" in name)
+
+
+def _check_forward_and_grads(parallel, ref, tp, batch):
+    group = parallel.tp_group
+    out_ref = ref(batch["input_ids"], batch["vision_indices"], contiguous_signal=batch["contiguous_signal"],
+                  return_logits=True)
+    out_tp = tp(batch["input_ids"], batch["vision_indices"], contiguous_signal=batch["contiguous_signal"],
+                return_logits=True)
+    torch.testing.assert_close(out_tp.hidden_states, out_ref.hidden_states, **TOL)
+    finite = out_ref.logits.isfinite()
+    assert torch.equal(finite, out_tp.logits.isfinite())
+    torch.testing.assert_close(out_tp.logits[finite], out_ref.logits[finite], **TOL)
+
+    loss_ref, loss_tp = forward_loss(ref, batch, None), forward_loss(tp, batch, None)
+    torch.testing.assert_close(loss_tp, loss_ref, **TOL)
+    loss_ref.backward()
+    loss_tp.backward()
+    ref_params = dict(ref.named_parameters())
+    kinds = {"sharded": 0, "partial": 0, "replicated": 0, "frozen": 0}
+    replicated = []
+    for name, param in tp.named_parameters():
+        expected = ref_params[name].grad
+        if not param.requires_grad:
+            assert param.grad is None and expected is None, name
+            kinds["frozen"] += 1
+            continue
+        if expected is None:  # unused by this forward (the "2d" placeholder in "1d" mode)
+            assert param.grad is None, name
+            continue
+        grad = param.grad.clone()
+        if is_tp_partial(param):
+            # Each rank holds a partial sum; the deferred reduction sums them.
+            dist.all_reduce(grad, group=group)
+            kinds["partial"] += 1
+        elif is_tp_sharded(param):
+            expected = local_shard(expected, name, group)
+            kinds["sharded"] += 1
+        else:
+            replicated.append((name, grad))
+            kinds["replicated"] += 1
+        torch.testing.assert_close(grad, expected, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    check_replicated_equal(replicated, group)
+    for model in (ref, tp):
+        for param in model.parameters():
+            param.grad = None
+    return kinds
+
+
+def _train(parallel, model, batches, steps=3):
+    optimizer = MasterAdamW(model, lr=0.0, weight_decay=0.01, master_dtype=torch.float64)
+    results = [train_step(model, optimizer, batches, parallel, lr=3e-2, max_grad_norm=1.0) for _ in range(steps)]
+    return optimizer, results
+
+
+def _tp_equals_tp1(rank, world_size):
+    parallel = init_parallel(tp=2)
+    assert (parallel.dp, parallel.tp, parallel.tp_rank) == (1, 2, rank)
+    single = ParallelState()
+    for frozen in (False, True):
+        full = tiny_model()
+        if frozen:
+            _freeze_language(full)
+        batch = make_batch(full.config, 2, 24, [(0, 2), (1, 15)], seed=1)  # sample 1's image is cut at the end
+        ref, tp = clone(full), shard_model_(clone(full), parallel.tp_group)
+        for name, param in tp.named_parameters():
+            rule = tp_rule(name)
+            full_shape = dict(full.named_parameters())[name].shape
+            if rule.shard_dim is None:
+                assert param.shape == full_shape, name
+            else:
+                assert param.shape[rule.shard_dim] * 2 == full_shape[rule.shard_dim], name
+        kinds = _check_forward_and_grads(parallel, ref, tp, batch)
+        layers = full.config.num_hidden_layers  # per layer 11 partial: 3 expert A + o B + 4 bridge A, 2 A + down B
+        assert kinds["partial"] == layers * 11 and kinds["sharded"] > 0 and kinds["replicated"] > 0, kinds
+        assert kinds["frozen"] == (0 if not frozen else sum(1 for n, _ in full.named_parameters() if "vision" not in n))
+
+        micro = [slice_batch(batch, 0, 1), slice_batch(batch, 1, 2)]
+        opt_ref, res_ref = _train(single, ref, micro)
+        opt_tp, res_tp = _train(parallel, tp, micro)
+        for a, b in zip(res_ref, res_tp):
+            assert abs(a.loss - b.loss) < 1e-10 and abs(a.grad_norm - b.grad_norm) < 1e-10, (a, b)
+        assert res_ref[0].grad_norm > 1.0  # clipping is exercised
+        assert res_ref[-1].loss < res_ref[0].loss
+        ref_params = dict(ref.named_parameters())
+        replicated = []
+        for name, param in tp.named_parameters():
+            expected = local_shard(ref_params[name].detach(), name, parallel.tp_group)
+            torch.testing.assert_close(param.detach(), expected, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+            if not param.requires_grad:
+                original = local_shard(dict(full.named_parameters())[name].detach(), name, parallel.tp_group)
+                assert torch.equal(param.detach(), original), f"frozen {name} changed"
+                assert name not in opt_tp.masters and name not in opt_tp.main_grads
+            if not is_tp_sharded(param):
+                replicated.append((name, param.detach()))
+        check_replicated_equal(replicated, parallel.tp_group)
+        state = opt_tp.named_state()
+        assert len(state) == sum(p.requires_grad for p in tp.parameters())
+
+    # Collectives: 2 all-reduces per layer forward ("g" of attention and MLP), 2 backward ("f"), plus the interim
+    # text-head gather of the loss (or none once the loss operator is vocab-parallel).
+    model = shard_model_(tiny_model(), parallel.tp_group)
+    COLLECTIVES.clear()
+    out = model(batch["input_ids"], batch["vision_indices"], contiguous_signal=batch["contiguous_signal"])
+    assert COLLECTIVES[("all_reduce", "forward")] == 2 * layers
+    assert COLLECTIVES[("all_reduce", "backward")] == 0
+    from libra_model.parallel.loss import libra_loss
+
+    loss = libra_loss(model, out.hidden_states, out.layout, batch["labels"])
+    assert COLLECTIVES[("all_gather", "forward")] <= 1
+    loss.backward()
+    assert COLLECTIVES[("all_reduce", "backward")] == 2 * layers
+    assert COLLECTIVES[("all_reduce", "forward")] == 2 * layers
+
+
+def test_tp2_equals_tp1_whole_model_grads_and_adamw_steps():
+    run_in_process_group(_tp_equals_tp1, 2)
+
+
+def _dp_equals_doubled_batch(rank, world_size):
+    parallel = init_parallel(tp=1)
+    assert (parallel.dp, parallel.dp_rank, parallel.tp) == (2, rank, 1)
+    full = tiny_model()
+    # Images only in rank 0's samples: rank 1 sees no vision token at all.
+    batch = make_batch(full.config, 4, 20, [(0, 3), (1, 0)], seed=2)
+    reference = clone(full)
+    _, res_ref = _train(ParallelState(), reference, [batch])
+    mine = slice_batch(batch, 2 * rank, 2 * rank + 2)
+    model = clone(full)
+    _, res_dp = _train(parallel, model, [slice_batch(mine, 0, 1), slice_batch(mine, 1, 2)])  # with accumulation
+    for a, b in zip(res_ref, res_dp):
+        assert abs(a.loss - b.loss) < 1e-10 and abs(a.grad_norm - b.grad_norm) < 1e-10, (a, b)
+        assert a.tokens == b.tokens == 80
+    for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(b, a, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_dp2_equals_one_process_with_the_doubled_batch():
+    run_in_process_group(_dp_equals_doubled_batch, 2)
