@@ -132,6 +132,9 @@ class LibraForCausalLM(nn.Module):
         self.vision_lm_head = LibraVisionHead(config)
         # Only read in "2d" mode; kept so that released checkpoints load and the parameter count matches.
         self.vision_hidden_placeholder = nn.Parameter(torch.empty(config.hidden_size))
+        if config.vision_prediction_mode == "1d":
+            # Unused in "1d": not trainable, so optimisers and DDP never see a parameter without a gradient.
+            self.vision_hidden_placeholder.requires_grad_(False)
         self.lm_head_tp_group = None
         self.set_backend(backend)
         self.init_weights()

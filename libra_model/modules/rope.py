@@ -16,18 +16,21 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
         num_heads: needed for 2d positions: even-indexed heads use the row component, odd-indexed the column one.
     Returns:
         (cos, sin), each [B, N, 1, d] for 1d positions (broadcast over heads) or [B, N, num_heads, d] for 2d.
-        The angles are computed in float32 and cast to ``dtype``, as in HF LLaMA.
+        The angles are computed in float32 (float64 for a float64 ``dtype``) and cast to ``dtype``.
     """
     device = position_ids.device
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    # float32 angles as in HF LLaMA (bit-compatible tables in float32/bfloat16); float64 models get float64 angles.
+    angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(angle_dtype) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
     if position_ids.dim() == 2:
-        freqs = position_ids.float()[:, :, None, None] * inv_freq  # [B, N, 1, d/2]
+        freqs = position_ids.to(angle_dtype)[:, :, None, None] * inv_freq  # [B, N, 1, d/2]
     elif position_ids.dim() == 3 and position_ids.shape[1] == 2:
         if num_heads is None:
             raise ValueError("rotary_cos_sin: num_heads is required with 2d position_ids [B, 2, N]")
         component = torch.arange(num_heads, device=device) % 2  # 0 = row for even heads, 1 = column for odd heads
         per_head = position_ids.index_select(1, component).transpose(1, 2)  # [B, N, H]
-        freqs = per_head.float()[..., None] * inv_freq  # [B, N, H, d/2]
+        freqs = per_head.to(angle_dtype)[..., None] * inv_freq  # [B, N, H, d/2]
     else:
         raise ValueError(f"rotary_cos_sin: position_ids must be [B, N] or [B, 2, N], got {tuple(position_ids.shape)}")
     angles = torch.cat([freqs, freqs], dim=-1)

@@ -13,8 +13,7 @@ def make_batch(config: LibraConfig, batch: int, length: int, images=None, paddin
     image at a random place, none in the last row when batch > 1). ``padding``: per row, the number of padded
     positions (right padding; use :func:`left_pad` to move it left). Returns input_ids [C,B,N], vision_indices [B,N],
     attention_mask [B,N], contiguous_signal [B,N,cs] (or None), labels [C,B,N]."""
-    C, V, Vv, L = config.vision_codebook_num, config.vocab_size, config.vision_vocab_size, \
-        config.max_vision_token_length
+    C, V, L = config.vision_codebook_num, config.vocab_size, config.max_vision_token_length
     if images is None:
         images = []
         for b in range(batch):
