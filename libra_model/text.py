@@ -204,8 +204,9 @@ def v1_parts(conversation, has_image: bool, *, system: str = V1_SYSTEM) -> list[
     """The "v1" (Vicuna-v1) chat template of LIBRA.md §7.3:
     ``system + " " + "USER: " + q1 + " " + "ASSISTANT: " + a1 + " </s>" + "USER: " + q2 ...``; the EOS id stands for
     " </s>". The image goes first in the first human turn holding ``<image>`` (or the first human turn): its marker is
-    removed and the turn becomes image + "\\n" + question. Targets: the answers and their EOS. A conversation that
-    ends with a human turn (or a gpt turn of text None) ends with the generation prompt "ASSISTANT:"."""
+    removed and the turn becomes image + "\\n" + question. Targets: the answers (with the space that opens
+    them) and their EOS. A conversation that ends with a human turn (or a gpt turn of text None) ends with the
+    generation prompt "ASSISTANT:"."""
     turns = normalize_conversation(conversation)
     marked = [i for i, (role, text) in enumerate(turns) if role == "human" and IMAGE_MARKER in text]
     if marked and not has_image:
@@ -224,7 +225,9 @@ def v1_parts(conversation, has_image: bool, *, system: str = V1_SYSTEM) -> list[
         elif text is None:
             break
         else:
-            parts += [Part("text", f"{V1_ROLES[1]}: "), Part("text", text, target=True), Part("eos", target=True)]
+            # The space after "ASSISTANT:" belongs to the answer: inference prompts end with "ASSISTANT:", so the
+            # model must predict " answer" (one "▁answer" token, or "▁" then "answer") from the colon.
+            parts += [Part("text", f"{V1_ROLES[1]}:"), Part("text", " " + text, target=True), Part("eos", target=True)]
     if turns[-1][0] == "human" or turns[-1][1] is None:
         parts.append(Part("text", f"{V1_ROLES[1]}:"))
     return parts
@@ -285,7 +288,7 @@ def build_sample(parts: Sequence[Part], tokenizer: TextTokenizer, *, image_lengt
         at_start = all(i == tokenizer.bos_token_id for i in ids)
         token_ids, offsets = tokenizer.encode(text, at_start=at_start)
         for token, (_, end) in zip(token_ids, offsets):
-            # A token belongs to the span of its last character: "▁a" after "ASSISTANT: " is the answer's.
+            # A token belongs to the span of its last character ("▁a" holds a space and the answer's "a").
             last = max(end - 1, 0)
             ids.append(token)
             target.append(any(lo <= last < hi and t for lo, hi, t in spans))
