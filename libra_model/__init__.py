@@ -1,2 +1,40 @@
 """The Libra model on the fused operators of ``libra_kernels``: configuration, modules, tokenizers, checkpoint
-import/export, generation, data pipelines and the tensor-parallel trainer."""
+import/export, generation, data pipelines and the tensor-parallel trainer.
+
+The main names are importable from here (loaded on first use, so ``import libra_model.config`` stays light)::
+
+    from libra_model import LibraConfig, LibraForCausalLM, init_from_llama
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LibraConfig": "libra_model.config",
+    "LibraForCausalLM": "libra_model.model",
+    "LibraOutput": "libra_model.model",
+    "BridgeKVCache": "libra_model.modules.cache",
+    "GenerationOutput": "libra_model.generation",
+    "generate": "libra_model.generation",
+    "init_from_llama": "libra_model.checkpoint",
+    "load_libra": "libra_model.checkpoint",
+    "save_pretrained": "libra_model.checkpoint",
+    "CheckpointError": "libra_model.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Load an exported name from its module on first access."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'libra_model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The exported names plus the module attributes."""
+    return sorted(set(globals()) | set(_EXPORTS))
