@@ -7,8 +7,10 @@ For query i and key j of row b, with c_ij = [vision_mask[b, i] != vision_mask[b,
 Queries may be fewer than keys (Nq <= Nk): they are the last Nq positions (FlashAttention's convention).
 
 Parts: the reference ``bridge_attention_ref``; the "torch" kernel (the same math head-chunk by head-chunk, with an
-explicit backward); the registered operator ``torch.ops.libra.bridge_attention`` (+ ``_backward``) with fake
-implementations and autograd; the public ``bridge_attention``.
+explicit backward); the "triton" kernel (fused, FlashAttention-2 style, in ``bridge_attention_triton.py``; chosen by
+"auto" on CUDA, runnable on the CPU only under ``TRITON_INTERPRET=1``); the registered operator
+``torch.ops.libra.bridge_attention`` (+ ``_backward``) with fake implementations and autograd; the public
+``bridge_attention``.
 """
 
 from __future__ import annotations
@@ -72,11 +74,11 @@ def _forward_torch(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_sca
         scores = (scores * scale).masked_fill(~allowed, torch.finfo(stat).min)
         # Rows with no allowed key: the softmax is uniform over finfo.min entries, and the mask zeroes it.
         probs = torch.softmax(scores, dim=-1) * allowed
-        lses.append(torch.logsumexp(scores.masked_fill(~allowed, -math.inf), dim=-1).float())
+        lses.append(torch.logsumexp(scores.masked_fill(~allowed, -math.inf), dim=-1))
         probs_v = probs.to(v.dtype)
         outs.append(probs_v @ vh + (probs * cross_f).to(v.dtype) @ vbh)
     out = torch.cat(outs, dim=1).transpose(1, 2).to(q.dtype).contiguous() if outs else q.new_zeros(q.shape)
-    lse = torch.cat(lses, dim=1) if lses else q.new_empty(batch, heads, n_queries, dtype=torch.float32)
+    lse = torch.cat(lses, dim=1) if lses else q.new_empty(batch, heads, n_queries, dtype=stat)
     return out, lse
 
 
@@ -116,19 +118,53 @@ def _backward_torch(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padd
         for grad, value in ((dk, dscores.transpose(-1, -2) @ qh), (dkb, dscores_cross.transpose(-1, -2) @ qh),
                             (dv, probs.transpose(-1, -2) @ do), (dvb, (probs * cross_f).transpose(-1, -2) @ do)):
             grad.index_add_(2, kv_index, value.transpose(1, 2))
-    empty = q.new_empty(0)
-    return tuple(g.to(t.dtype) if need else empty for g, t, need in zip(grads, (q, k, v, k_bridge, v_bridge), needs))
+    # Registered-op outputs must not alias each other: a fresh empty tensor for each gradient not asked for.
+    return tuple(g.to(t.dtype) if need else q.new_empty(0)
+                 for g, t, need in zip(grads, (q, k, v, k_bridge, v_bridge), needs))
+
+
+try:
+    from libra_kernels.ops import bridge_attention_triton as _triton
+
+    _TRITON_MISSING = ""
+except ImportError as error:  # the package works without Triton; only this backend is then unavailable
+    _triton = None
+    _TRITON_MISSING = f"triton cannot be imported ({error})"
+
+
+def _triton_unavailable(device: torch.device) -> str:
+    if _triton is None:
+        return _TRITON_MISSING
+    if device.type == "cuda" or (device.type == "cpu" and _triton.INTERPRETED):
+        return ""
+    return ("Triton kernels run on CUDA devices, or on the CPU when TRITON_INTERPRET=1 is set before libra_kernels "
+            "is imported")
+
+
+def _forward_triton(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask):
+    # Head dims the fused kernels do not take (above 128) use the torch kernel: same outputs, same lse.
+    impl = _triton.bridge_attention_forward if _triton.supports_head_dim(q.shape[-1]) else _forward_torch
+    return impl(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask)
+
+
+def _backward_triton(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse, causal,
+                     softmax_scale, needs):
+    impl = _triton.bridge_attention_backward if _triton.supports_head_dim(q.shape[-1]) else _backward_torch
+    return impl(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse, causal,
+                softmax_scale, needs)
 
 
 TABLE = KernelTable(OP, auto_order={"cuda": ("triton",)})
 TABLE.register("torch", Kernel(_forward_torch, _backward_torch, always_available))
+TABLE.register("triton", Kernel(_forward_triton, _backward_triton, _triton_unavailable))
 
 
 @torch.library.custom_op("libra::bridge_attention", mutates_args=())
 def bridge_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bridge: torch.Tensor,
                         v_bridge: torch.Tensor, vision_mask: torch.Tensor, key_padding_mask: torch.Tensor | None,
                         causal: bool, softmax_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Registered operator: (out [B, Nq, H, D] in q's dtype, lse [B, H, Nq] float32; -inf where no key is allowed)."""
+    """Registered operator: (out [B, Nq, H, D] in q's dtype, lse [B, H, Nq] float32 (float64 for float64 inputs, so
+    that float64 gradients are exact); -inf where no key is allowed)."""
     return TABLE.get(backend).forward(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale,
                                       key_padding_mask)
 
@@ -148,7 +184,7 @@ def bridge_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: tor
 @bridge_attention_op.register_fake
 def _fake_forward(q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, causal, softmax_scale, backend):
     batch, n_queries, heads, _ = q.shape
-    return torch.empty_like(q), q.new_empty(batch, heads, n_queries, dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(batch, heads, n_queries, dtype=torch.promote_types(q.dtype, torch.float32))
 
 
 @bridge_attention_backward_op.register_fake

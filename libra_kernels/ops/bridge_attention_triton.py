@@ -1,0 +1,550 @@
+"""Triton kernels of bridge attention: a FlashAttention-2 style forward and backward (DESIGN.md §4).
+
+Forward: one program per (query block, head, batch row); online softmax in float32 (float64 for float64 input)
+over the key tiles, log-sum-exp saved. Backward: a dq kernel (one program per query block, which also writes
+delta_i = <dO_i, O_i>) then a dk/dv kernel (one program per key block of a key/value head, looping over the query
+heads that share it), both recomputing the probabilities from the saved log-sum-exp.
+
+Each (query block, key tile) pair takes one of three paths:
+
+* plain: queries and keys all of one modality, so no pair is cross-modal: exactly FlashAttention's work;
+* one query modality: key j needs its bridge iff its modality differs from the queries', so the tile attends to
+  bridged keys k_j + [m_j != m] kb_j (and values alike): still one matrix product per step, plus the loads of the
+  bridge terms and an elementwise add;
+* mixed queries: the cross-modal pairs form a general [BLOCK_M, BLOCK_N] pattern, so the bridge terms take a second
+  matrix product per step (q kb^T and (p * c) vb), masked by the pair indicator.
+
+How a tile's modality mix is known without a host sync: the launcher computes, on the device, a per-row running
+count of vision tokens ``counts[b, j] = #vision among positions < j`` ([B, Nk + 1] int32, one cumsum). In the kernel
+the number of vision tokens in positions [s, e) is counts[e] - counts[s]: two scalar loads, no reduction across the
+program. Zero means all text, e - s all vision, anything else mixed. The per-token flags are loaded only on the two
+bridged paths.
+
+Causal tiles entirely above the diagonal are never visited (the loops stop at the last key a query block can see);
+tiles entirely below it skip the causal mask. The backward is deterministic: no atomics; the gradients of a shared
+key/value head (grouped-query attention) are summed in registers by the one program that owns its key block.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The kernels are built in interpreter mode when TRITON_INTERPRET=1 at import (tests on machines without CUDA).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_HEAD_DIM = 128  # larger heads fall back to the torch kernel (register budget of the four dk/dv accumulators)
+LOG2E = 1.4426950408889634
+# Kernels may only read module globals that are constexpr (the compiler refuses others).
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+def _configs(blocks: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, warps, stages) -> configs; under the interpreter a single small one (no benchmarking)."""
+    if INTERPRETED:
+        blocks = [(16, 16, 1, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
+
+
+# Candidates for sm_80/sm_90 (not yet measured on a GPU): autotuning picks one per (key length bucket, head dim,
+# causal, padding, dtype). Few on purpose: each is a compilation of each kernel. The dk/dv kernel holds four
+# [BLOCK_N, D] float32 accumulators, hence its smaller key blocks.
+FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)])
+DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3)])
+DKDV_CONFIGS = _configs([(64, 64, 8, 3), (64, 32, 4, 3)])
+TUNE_KEY = ["n_bucket", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
+
+
+@triton.jit
+def _tile_offsets(row_stride, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """int32 [BLOCK, BLOCK_D] element offsets of a tile from its first row, computed once per program."""
+    return tl.arange(0, BLOCK)[:, None] * row_stride + tl.arange(0, BLOCK_D)[None, :]
+
+
+@triton.jit
+def _load_rows(base, offs, start, n_rows, row_stride, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows [start, start + BLOCK) of a [n_rows, HEAD_DIM] slab with row stride ``row_stride``; zeros outside."""
+    # The tile's start offset is an int64 scalar, so B·N·H·D beyond 2^31 is safe; in-tile offsets stay int32.
+    ptrs = base + tl.cast(start, tl.int64) * row_stride + offs
+    mask = tl.arange(0, BLOCK)[:, None] < n_rows - start
+    if BLOCK_D != HEAD_DIM:  # a head dim that is not a power of two: the upper lanes are padding
+        mask = mask & (tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM)
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:  # the interpreter has no bfloat16/float16 arithmetic
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_rows(base, offs, start, n_rows, row_stride, x, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Store the [BLOCK, BLOCK_D] tile ``x`` (cast to the pointer's dtype) into rows [start, start + BLOCK)."""
+    ptrs = base + tl.cast(start, tl.int64) * row_stride + offs
+    mask = tl.arange(0, BLOCK)[:, None] < n_rows - start
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM)
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _span_kind(count_row, start, end):
+    """Modality of positions [start, end) from the running vision count: 0 all text, 1 all vision, 2 mixed."""
+    n_vision = tl.load(count_row + end) - tl.load(count_row + start)
+    return tl.where(n_vision == 0, 0, tl.where(n_vision == end - start, 1, 2))
+
+
+@triton.jit
+def _mask_scores(s, q_pos, k_pos, n_keys, pad_row, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_PAD: tl.constexpr):
+    """-inf at the disallowed pairs of an [M, N] score tile (query positions q_pos [M], key positions k_pos [N])."""
+    if MASKED:
+        allowed = k_pos[None, :] < n_keys
+        if CAUSAL:
+            allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+    if HAS_PAD:
+        real = tl.load(pad_row + k_pos, mask=k_pos < n_keys, other=0)
+        s = tl.where(real[None, :] != 0, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, scale_log2, MASKED: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Online-softmax update for one tile of raw scores: (p, alpha, new max, new sum), in base-2 units."""
+    s = _mask_scores(s * scale_log2, q_pos, k_pos, n_keys, pad_row, MASKED, CAUSAL, HAS_PAD)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with no allowed key so far keeps m = -inf; subtracting 0 instead keeps exp2 finite (it gives 0).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, q_pos, q_kind, vis_q, k_base, v_base, kb_base, vb_base, kv_row, kv_offs, vis_row,
+               count_row, pad_row, n_keys, scale_log2, lo, hi,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Accumulate the key tiles [lo, hi) into (acc, m_i, l_i) for one query block."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k_pos = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+        v = _load_rows(v_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+        k_kind = _span_kind(count_row, start_n, tl.minimum(start_n + BLOCK_N, n_keys))
+        if (q_kind != 2) & (k_kind == q_kind):
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, scale_log2, MASKED,
+                                               CAUSAL, HAS_PAD)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        elif q_kind != 2:
+            vis_k = tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)
+            bridged = (vis_k != q_kind)[:, None]
+            kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            k = tl.where(bridged, k + kb, k)
+            v = tl.where(bridged, v + vb, v)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, scale_log2, MASKED,
+                                               CAUSAL, HAS_PAD)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        else:
+            vis_k = tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)
+            cross = vis_q[:, None] != vis_k[None, :]
+            kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+            s += tl.where(cross, tl.dot(q, tl.trans(kb), input_precision=PRECISION, out_dtype=ACC), 0.0)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, scale_log2, MASKED,
+                                               CAUSAL, HAS_PAD)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+            acc = tl.dot(tl.where(cross, p, 0.0).to(vb.dtype), vb, acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _causal_bounds(start_m, offset, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full_hi, hi): key tiles below full_hi need no causal/bounds mask; no query of the block sees keys >= hi."""
+    if CAUSAL:
+        hi = tl.minimum(offset + start_m + BLOCK_M, n_keys)
+        full_hi = tl.minimum(offset + start_m + 1, n_keys) // BLOCK_N * BLOCK_N
+    else:
+        hi = n_keys
+        full_hi = n_keys // BLOCK_N * BLOCK_N
+    return full_hi, hi
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def _bridge_fwd_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, LSE, n_queries, n_keys, heads, kv_heads,
+                       scale_log2: tl.float64, n_bucket, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The scale arrives in float64 so that float64 inputs keep full precision; the math runs in ACC.
+    scale_log2 = tl.full([], scale_log2, ACC)
+    # The last query blocks see the most keys under a causal mask: start them first.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    kvh = h // (heads // kv_heads)
+    offset = n_keys - n_queries  # query i sits at key position i + offset
+    q_row = heads * HEAD_DIM
+    kv_row = kv_heads * HEAD_DIM
+    q_offs = _tile_offsets(q_row, BLOCK_M, BLOCK_D)
+    kv_offs = _tile_offsets(kv_row, BLOCK_N, BLOCK_D)
+    q_head = (b * n_queries * heads + h) * HEAD_DIM
+    kv_head = (b * n_keys * kv_heads + kvh) * HEAD_DIM
+    vis_row = VIS + b * n_keys
+    pad_row = PAD + b * n_keys
+    count_row = COUNTS + b * (n_keys + 1)
+
+    start_m = pid_m * BLOCK_M
+    q = _load_rows(Q + q_head, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
+    q_pos = offset + start_m + tl.arange(0, BLOCK_M)
+    vis_q = tl.load(vis_row + q_pos, mask=q_pos < n_keys, other=0)
+    q_kind = _span_kind(count_row, offset + start_m, tl.minimum(offset + start_m + BLOCK_M, n_keys))
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    full_hi, hi = _causal_bounds(start_m, offset, n_keys, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_pos, q_kind, vis_q, K + kv_head, V + kv_head, KB + kv_head,
+                               VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, n_keys, scale_log2, 0,
+                               full_hi, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_pos, q_kind, vis_q, K + kv_head, V + kv_head, KB + kv_head,
+                               VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, n_keys, scale_log2,
+                               full_hi, hi, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
+
+    # A query with no allowed key: zero output and lse = -inf (the contract of the operator).
+    empty = l_i == 0
+    l_safe = tl.where(empty, 1.0, l_i)
+    _store_rows(OUT + q_head, q_offs, start_m, n_queries, q_row, acc / l_safe[:, None], BLOCK_M, HEAD_DIM, BLOCK_D)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    tl.store(LSE + (b * heads + h) * n_queries + rows, lse.to(LSE.dtype.element_ty), mask=rows < n_queries)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, q_pos, q_kind, vis_q, k_base, v_base, kb_base, vb_base, kv_row, kv_offs, vis_row,
+              count_row, pad_row, n_keys, scale_log2, lo, hi,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Accumulate sum_j ds_ij k'_ij over the key tiles [lo, hi) into dq (unscaled) for one query block."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k_pos = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+        v = _load_rows(v_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+        k_kind = _span_kind(count_row, start_n, tl.minimum(start_n + BLOCK_N, n_keys))
+        if q_kind != 2:
+            if k_kind != q_kind:  # one query modality: attend to the bridged keys/values
+                vis_k = tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)
+                bridged = (vis_k != q_kind)[:, None]
+                kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+                vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+                k = tl.where(bridged, k + kb, k)
+                v = tl.where(bridged, v + vb, v)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale_log2
+            s = _mask_scores(s, q_pos, k_pos, n_keys, pad_row, MASKED, CAUSAL, HAS_PAD)
+            p = tl.exp2(s - lse2[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
+        else:
+            vis_k = tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)
+            cross = vis_q[:, None] != vis_k[None, :]
+            kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+            s += tl.where(cross, tl.dot(q, tl.trans(kb), input_precision=PRECISION, out_dtype=ACC), 0.0)
+            s = _mask_scores(s * scale_log2, q_pos, k_pos, n_keys, pad_row, MASKED, CAUSAL, HAS_PAD)
+            p = tl.exp2(s - lse2[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+            dp += tl.where(cross, tl.dot(do, tl.trans(vb), input_precision=PRECISION, out_dtype=ACC), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
+            dq = tl.dot(tl.where(cross, ds, 0.0).to(kb.dtype), kb, dq, input_precision=PRECISION, out_dtype=ACC)
+    return dq
+
+
+@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def _bridge_dq_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, DO, LSE, DELTA, DQ, n_queries, n_keys, heads, kv_heads,
+                      scale: tl.float64, scale_log2: tl.float64, n_bucket, HEAD_DIM: tl.constexpr,
+                      BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
+                      ACC: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    scale = tl.full([], scale, ACC)
+    scale_log2 = tl.full([], scale_log2, ACC)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    kvh = h // (heads // kv_heads)
+    offset = n_keys - n_queries
+    q_row = heads * HEAD_DIM
+    kv_row = kv_heads * HEAD_DIM
+    q_offs = _tile_offsets(q_row, BLOCK_M, BLOCK_D)
+    kv_offs = _tile_offsets(kv_row, BLOCK_N, BLOCK_D)
+    q_head = (b * n_queries * heads + h) * HEAD_DIM
+    kv_head = (b * n_keys * kv_heads + kvh) * HEAD_DIM
+    vis_row = VIS + b * n_keys
+    pad_row = PAD + b * n_keys
+    count_row = COUNTS + b * (n_keys + 1)
+    stat_row = (b * heads + h) * n_queries
+
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    do = _load_rows(DO + q_head, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
+    out = _load_rows(OUT + q_head, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
+    # delta_i = sum_j p_ij <dO_i, v'_ij> = <dO_i, O_i>: the softmax-gradient row term, read again by the dk/dv kernel.
+    delta = tl.sum(do.to(ACC) * out.to(ACC), 1)
+    tl.store(DELTA + stat_row + rows, delta, mask=rows < n_queries)
+    if WITH_DQ:
+        q = _load_rows(Q + q_head, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
+        lse = tl.load(LSE + stat_row + rows, mask=rows < n_queries, other=float("-inf")).to(ACC)
+        # lse = -inf (no allowed key, or a row past the end): +inf makes every p_ij = exp2(s - inf) exactly 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+        q_pos = offset + rows
+        vis_q = tl.load(vis_row + q_pos, mask=q_pos < n_keys, other=0)
+        q_kind = _span_kind(count_row, offset + start_m, tl.minimum(offset + start_m + BLOCK_M, n_keys))
+        dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        full_hi, hi = _causal_bounds(start_m, offset, n_keys, BLOCK_M, BLOCK_N, CAUSAL)
+        dq = _dq_tiles(dq, q, do, lse2, delta, q_pos, q_kind, vis_q, K + kv_head, V + kv_head, KB + kv_head,
+                       VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, n_keys, scale_log2, 0, full_hi,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
+        dq = _dq_tiles(dq, q, do, lse2, delta, q_pos, q_kind, vis_q, K + kv_head, V + kv_head, KB + kv_head,
+                       VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, n_keys, scale_log2, full_hi, hi,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
+        _store_rows(DQ + q_head, q_offs, start_m, n_queries, q_row, dq * scale, BLOCK_M, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, dkb, dvb, k, v, k_pos, k_kind, vis_k, key_bias, kb_base, vb_base, kv_row, kv_offs, start_n,
+                q_base, do_base, q_row, q_offs, lse_row, delta_row, vis_row, count_row, n_queries, n_keys, offset,
+                scale_log2, lo, hi,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
+                ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate one query head's blocks [lo, hi) into the key block's (dk, dv, dkb, dvb); scores transposed."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
+        do = _load_rows(do_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
+        lse = tl.load(lse_row + rows, mask=rows < n_queries, other=float("-inf")).to(ACC)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+        delta = tl.load(delta_row + rows, mask=rows < n_queries, other=0.0)
+        q_pos = offset + rows
+        q_kind = _span_kind(count_row, offset + start_m, tl.minimum(offset + start_m + BLOCK_M, n_keys))
+        if q_kind != 2:
+            if k_kind == q_kind:
+                st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * scale_log2
+                if MASKED:
+                    st = tl.where(k_pos[:, None] <= q_pos[None, :], st, float("-inf"))
+                if HAS_PAD:
+                    st += key_bias[:, None]
+                pt = tl.exp2(st - lse2[None, :])
+                dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
+                dst = pt * (dpt - delta[None, :])
+                dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=ACC)
+            else:  # one query modality: key j is bridged iff its modality differs; its bridge grads are its grads
+                bridged = (vis_k != q_kind)[:, None]
+                kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+                vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+                k2 = tl.where(bridged, k + kb, k)
+                v2 = tl.where(bridged, v + vb, v)
+                st = tl.dot(k2, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * scale_log2
+                if MASKED:
+                    st = tl.where(k_pos[:, None] <= q_pos[None, :], st, float("-inf"))
+                if HAS_PAD:
+                    st += key_bias[:, None]
+                pt = tl.exp2(st - lse2[None, :])
+                grad_v = tl.dot(pt.to(do.dtype), do, input_precision=PRECISION, out_dtype=ACC)
+                dv += grad_v
+                dvb += tl.where(bridged, grad_v, 0.0)
+                dpt = tl.dot(v2, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
+                dst = pt * (dpt - delta[None, :])
+                grad_k = tl.dot(dst.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
+                dk += grad_k
+                dkb += tl.where(bridged, grad_k, 0.0)
+        else:
+            vis_q = tl.load(vis_row + q_pos, mask=rows < n_queries, other=0)
+            cross = vis_k[:, None] != vis_q[None, :]
+            kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
+            st += tl.where(cross, tl.dot(kb, tl.trans(q), input_precision=PRECISION, out_dtype=ACC), 0.0)
+            st *= scale_log2
+            if MASKED:
+                st = tl.where(k_pos[:, None] <= q_pos[None, :], st, float("-inf"))
+            if HAS_PAD:
+                st += key_bias[:, None]
+            pt = tl.exp2(st - lse2[None, :])
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
+            dvb = tl.dot(tl.where(cross, pt, 0.0).to(do.dtype), do, dvb, input_precision=PRECISION, out_dtype=ACC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
+            dpt += tl.where(cross, tl.dot(vb, tl.trans(do), input_precision=PRECISION, out_dtype=ACC), 0.0)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=ACC)
+            dkb = tl.dot(tl.where(cross, dst, 0.0).to(q.dtype), q, dkb, input_precision=PRECISION, out_dtype=ACC)
+    return dk, dv, dkb, dvb
+
+
+@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, DV, DKB, DVB, n_queries, n_keys,
+                        heads, kv_heads, scale: tl.float64, scale_log2: tl.float64, n_bucket,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                        UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    scale = tl.full([], scale, ACC)
+    scale_log2 = tl.full([], scale_log2, ACC)
+    pid_n = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    group = heads // kv_heads
+    offset = n_keys - n_queries
+    q_row = heads * HEAD_DIM
+    kv_row = kv_heads * HEAD_DIM
+    q_offs = _tile_offsets(q_row, BLOCK_M, BLOCK_D)
+    kv_offs = _tile_offsets(kv_row, BLOCK_N, BLOCK_D)
+    kv_head = (b * n_keys * kv_heads + kvh) * HEAD_DIM
+    vis_row = VIS + b * n_keys
+    count_row = COUNTS + b * (n_keys + 1)
+
+    start_n = pid_n * BLOCK_N
+    k_pos = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K + kv_head, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+    v = _load_rows(V + kv_head, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+    vis_k = tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)
+    k_kind = _span_kind(count_row, start_n, tl.minimum(start_n + BLOCK_N, n_keys))
+    key_bias = tl.zeros([BLOCK_N], ACC)
+    if HAS_PAD:  # a padded key gets no probability, hence zero gradients
+        real = tl.load(PAD + b * n_keys + k_pos, mask=k_pos < n_keys, other=0)
+        key_bias = tl.where(real != 0, 0.0, float("-inf")).to(ACC)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dkb = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dvb = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    if CAUSAL:
+        # Query i (key position i + offset) sees this block iff i + offset >= start_n; it sees all of it iff
+        # i + offset >= start_n + BLOCK_N - 1. Blocks between need the causal mask; blocks before are skipped.
+        first_m = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
+        full_m = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
+    else:
+        first_m = 0
+        full_m = 0
+    for g in range(group):
+        h = kvh * group + g
+        q_head = (b * n_queries * heads + h) * HEAD_DIM
+        stat_row = (b * heads + h) * n_queries
+        dk, dv, dkb, dvb = _dkdv_tiles(dk, dv, dkb, dvb, k, v, k_pos, k_kind, vis_k, key_bias, KB + kv_head,
+                                       VB + kv_head, kv_row, kv_offs, start_n, Q + q_head, DO + q_head, q_row, q_offs,
+                                       LSE + stat_row, DELTA + stat_row, vis_row, count_row, n_queries, n_keys,
+                                       offset, scale_log2, first_m, tl.minimum(full_m, n_queries), HEAD_DIM,
+                                       BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
+        dk, dv, dkb, dvb = _dkdv_tiles(dk, dv, dkb, dvb, k, v, k_pos, k_kind, vis_k, key_bias, KB + kv_head,
+                                       VB + kv_head, kv_row, kv_offs, start_n, Q + q_head, DO + q_head, q_row, q_offs,
+                                       LSE + stat_row, DELTA + stat_row, vis_row, count_row, n_queries, n_keys,
+                                       offset, scale_log2, full_m, n_queries, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                                       False, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
+    _store_rows(DK + kv_head, kv_offs, start_n, n_keys, kv_row, dk * scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + kv_head, kv_offs, start_n, n_keys, kv_row, dv, BLOCK_N, HEAD_DIM, BLOCK_D)
+    _store_rows(DKB + kv_head, kv_offs, start_n, n_keys, kv_row, dkb * scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+    _store_rows(DVB + kv_head, kv_offs, start_n, n_keys, kv_row, dvb, BLOCK_N, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _meta(q: torch.Tensor, n_keys: int, causal: bool, has_pad: bool) -> dict:
+    """Compile-time arguments shared by the three kernels."""
+    upcast = INTERPRETED and q.dtype in (torch.float16, torch.bfloat16)
+    wide = q.dtype == torch.float64
+    return dict(n_bucket=triton.next_power_of_2(max(n_keys, 1)), HEAD_DIM=q.shape[-1],
+                BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), CAUSAL=causal, HAS_PAD=has_pad,
+                UPCAST=upcast, ACC=tl.float64 if wide else tl.float32,
+                # float32 products in true float32 (PyTorch's default for matmul), not TF32; 16-bit inputs ignore it
+                PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32")
+
+
+def _vision_counts(vision_mask: torch.Tensor) -> torch.Tensor:
+    """int32 [B, Nk + 1]: counts[b, j] = number of vision tokens among positions < j of row b (on the device)."""
+    counts = torch.zeros(vision_mask.shape[0], vision_mask.shape[1] + 1, dtype=torch.int32,
+                         device=vision_mask.device)
+    torch.cumsum(vision_mask, dim=1, dtype=torch.int32, out=counts[:, 1:])
+    return counts
+
+
+def _masks(vision_mask, key_padding_mask):
+    """(vision flags uint8 [B, Nk], running counts, padding flags uint8 or a dummy pointer, has_pad)."""
+    vis = vision_mask.contiguous().view(torch.uint8)
+    counts = _vision_counts(vision_mask)
+    if key_padding_mask is None:
+        return vis, counts, vis, False
+    return vis, counts, key_padding_mask.contiguous().view(torch.uint8), True
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved log-sum-exp: float32, float64 for float64 inputs (exact gradients for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the kernels handle this head dimension natively (else the caller uses the torch kernel)."""
+    return 1 <= head_dim <= MAX_HEAD_DIM
+
+
+def bridge_attention_forward(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask):
+    """Fused forward. q [B, Nq, H, D]; k, v, k_bridge, v_bridge [B, Nk, Hkv, D] (same float dtype, D <= 128);
+    vision_mask / key_padding_mask bool [B, Nk].
+    Returns (out [B, Nq, H, D] in q's dtype, lse [B, H, Nq] in ``lse_dtype(q.dtype)``)."""
+    q, k, v, k_bridge, v_bridge = (t.contiguous() for t in (q, k, v, k_bridge, v_bridge))
+    batch, n_queries, heads, _ = q.shape
+    n_keys, kv_heads = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, n_queries, dtype=lse_dtype(q.dtype), device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    vis, counts, pad, has_pad = _masks(vision_mask, key_padding_mask)
+    grid = lambda meta: (triton.cdiv(n_queries, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+    _bridge_fwd_kernel[grid](q, k, v, k_bridge, v_bridge, vis, counts, pad, out, lse, n_queries, n_keys, heads,
+                             kv_heads, softmax_scale * LOG2E, **_meta(q, n_keys, causal, has_pad))
+    return out, lse
+
+
+def bridge_attention_backward(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse,
+                              causal, softmax_scale, needs):
+    """Fused backward: (dq, dk, dv, dk_bridge, dv_bridge) in the inputs' dtypes, a [0] tensor for each input whose
+    ``needs`` entry is False. Deterministic (no atomics). Shapes as in :func:`bridge_attention_forward`."""
+    grad_out, q, k, v, k_bridge, v_bridge, out = (t.contiguous() for t in (grad_out, q, k, v, k_bridge, v_bridge,
+                                                                           out))
+    batch, n_queries, heads, _ = q.shape
+    n_keys, kv_heads = k.shape[1], k.shape[2]
+    want_q, want_kv = needs[0], any(needs[1:])
+    if q.numel() == 0 or not (want_q or want_kv):  # no query: every gradient is zero
+        return tuple(torch.zeros_like(t) if need else q.new_empty(0)
+                     for t, need in zip((q, k, v, k_bridge, v_bridge), needs))
+    # The kernels write every row of these buffers.
+    dq = torch.empty_like(q) if want_q else q.new_empty(0)
+    dkv = [torch.empty_like(t) if want_kv else None for t in (k, v, k_bridge, v_bridge)]
+    vis, counts, pad, has_pad = _masks(vision_mask, key_padding_mask)
+    meta = _meta(q, n_keys, causal, has_pad)
+    delta = torch.empty(batch, heads, n_queries, dtype=lse_dtype(q.dtype), device=q.device)
+    scales = (softmax_scale, softmax_scale * LOG2E)
+    grid_q = lambda meta_: (triton.cdiv(n_queries, meta_["BLOCK_M"]), heads, batch)  # noqa: E731
+    _bridge_dq_kernel[grid_q](q, k, v, k_bridge, v_bridge, vis, counts, pad, out, grad_out, lse, delta,
+                              dq if want_q else delta, n_queries, n_keys, heads, kv_heads, *scales, WITH_DQ=want_q,
+                              **meta)
+    if want_kv:
+        grid_k = lambda meta_: (triton.cdiv(n_keys, meta_["BLOCK_N"]), kv_heads, batch)  # noqa: E731
+        _bridge_dkdv_kernel[grid_k](q, k, v, k_bridge, v_bridge, vis, counts, pad, grad_out, lse, delta, *dkv,
+                                    n_queries, n_keys, heads, kv_heads, *scales, **meta)
+    # Registered-op outputs must not alias each other: a fresh empty tensor for each gradient not asked for.
+    return (dq, *(g if need else q.new_empty(0) for g, need in zip(dkv, needs[1:])))
+
