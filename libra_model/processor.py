@@ -98,8 +98,9 @@ class LibraProcessor:
                         device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
                         strict: bool = True, weights_only: bool = True, **paths) -> LibraProcessor:
         """Load the layout described in the module docstring. ``paths`` (tokenizer=, clip=, vision_tokenizer=)
-        override ``processor_config.json``; ``vision_tokenizer=None`` (or a missing checkpoint and CLIP) gives a
-        text-only processor. ``device``/``torch_dtype`` place the image tokenizer."""
+        override ``processor_config.json``; ``clip=None, vision_tokenizer=None`` (or, without a
+        ``processor_config.json``, no ``vision_tokenizer.ckpt`` in ``directory``) gives a text-only processor.
+        ``device``/``torch_dtype`` place the image tokenizer."""
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"LibraProcessor.from_pretrained: {directory!r} is not a directory")
@@ -108,6 +109,8 @@ class LibraProcessor:
             raise TypeError(f"LibraProcessor.from_pretrained: unknown arguments {sorted(unknown)}")
         settings = dict(DEFAULT_LAYOUT, feature_layers=list(DEFAULT_FEATURE_LAYERS))
         config_path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
+        # Image paths named by processor_config.json or the caller must exist; the defaults may be absent (text-only).
+        declared = os.path.isfile(config_path) or "vision_tokenizer" in paths or "clip" in paths
         if os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as handle:
                 settings.update(json.load(handle))
@@ -121,8 +124,12 @@ class LibraProcessor:
             newline_token_id=config.newline_token_id)
         image = None
         clip_dir, checkpoint = resolve(settings["clip"]), resolve(settings["vision_tokenizer"])
-        explicit = "vision_tokenizer" in paths or "clip" in paths
-        if checkpoint is not None and clip_dir is not None and (explicit or os.path.exists(checkpoint)):
+        if (clip_dir is None) != (checkpoint is None):
+            raise ValueError(f"LibraProcessor.from_pretrained: clip ({clip_dir}) and vision_tokenizer ({checkpoint}) "
+                             "must both be given or both be None")
+        if checkpoint is not None and not declared and not os.path.exists(checkpoint):
+            checkpoint = None
+        if checkpoint is not None:
             codebooks = settings.get("codebook_num", config.vision_codebook_num)
             image = HybridImageTokenizer.from_pretrained(
                 clip_dir, checkpoint, feature_layers=settings["feature_layers"], codebook_num=codebooks,

@@ -3,6 +3,7 @@ the image tokenizer run on each image alone and against the model that consumes 
 
 import copy
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -213,8 +214,19 @@ def test_save_and_load_round_trip(tmp_path, processor):
     first, second = processor(**args), again(**args)
     for key in first:
         assert torch.equal(first[key], second[key]), key
-    text_only = LibraProcessor.from_pretrained(tmp_path / "saved", vision_tokenizer=None)
+    text_only = LibraProcessor.from_pretrained(tmp_path / "saved", clip=None, vision_tokenizer=None)
     assert text_only.image_tokenizer is None
+    saved_text_only = text_only.save_pretrained(tmp_path / "text_only")
+    assert LibraProcessor.from_pretrained(saved_text_only).image_tokenizer is None
+    with pytest.raises(ValueError, match="both"):
+        LibraProcessor.from_pretrained(tmp_path / "saved", vision_tokenizer=None)
+    with pytest.raises(FileNotFoundError):
+        LibraProcessor.from_pretrained(tmp_path / "saved", vision_tokenizer="absent.ckpt")
+    # A bare directory (config.json + tokenizer/) loads as a text-only processor with the default layout.
+    bare = tmp_path / "bare"
+    shutil.copytree(tmp_path / "saved" / "tokenizer", bare / "tokenizer")
+    shutil.copy(tmp_path / "saved" / "config.json", bare / "config.json")
+    assert LibraProcessor.from_pretrained(bare).image_tokenizer is None
     with pytest.raises(ValueError, match="no image tokenizer"):
         text_only(images=[image(10)], texts=["a"], template="caption")
 
