@@ -153,6 +153,16 @@ def default_image_processor(image_size: int = 336):
         image_mean=list(CLIP_IMAGE_MEAN), image_std=list(CLIP_IMAGE_STD), do_convert_rgb=True)
 
 
+def preprocess_images(image_processor, images: Sequence) -> torch.Tensor:
+    """PIL images -> pixel values float32 [B, 3, S, S]: pad to square with the CLIP mean colour, then the HF CLIP
+    image processor (LIBRA.md §6.1). Host-side; data loaders call it per sample."""
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError("preprocess_images: images must be a non-empty list of PIL images")
+    squared = [pad_to_square(image) for image in images]
+    pixels = image_processor(images=squared, return_tensors="pt")["pixel_values"]
+    return torch.as_tensor(pixels, dtype=torch.float32)
+
+
 def load_image_processor(clip_dir: str | os.PathLike, image_size: int):
     """The CLIP directory's ``preprocessor_config.json`` if it has one, else :func:`default_image_processor`."""
     if os.path.isfile(os.path.join(clip_dir, "preprocessor_config.json")):
@@ -327,13 +337,8 @@ class HybridImageTokenizer(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ pipeline
     def preprocess(self, images: Sequence) -> torch.Tensor:
-        """PIL images -> pixel values float32 [B, 3, S, S] (pad to square with the CLIP mean colour, then the CLIP
-        image processor). Runs on the host; data loaders call it per sample."""
-        if not isinstance(images, (list, tuple)) or not images:
-            raise ValueError("HybridImageTokenizer.preprocess: images must be a non-empty list of PIL images")
-        squared = [pad_to_square(image) for image in images]
-        pixels = self.image_processor(images=squared, return_tensors="pt")["pixel_values"]
-        return torch.as_tensor(pixels, dtype=torch.float32)
+        """PIL images -> pixel values float32 [B, 3, S, S] (see :func:`preprocess_images`)."""
+        return preprocess_images(self.image_processor, images)
 
     def _check_pixels(self, pixel_values) -> torch.Tensor:
         if not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point:

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from .config import LibraConfig
-from .image_tokenizer import DEFAULT_FEATURE_LAYERS, HybridImageTokenizer
+from .image_tokenizer import DEFAULT_FEATURE_LAYERS, HybridImageTokenizer, preprocess_images
 from .text import (
     CODE_PLACEHOLDER,
     IGNORE_INDEX,
@@ -91,6 +91,16 @@ class LibraProcessor:
                 if have != want:
                     raise ValueError(f"LibraProcessor: image_tokenizer {name} is {have}, the config says {want}")
         self.text_tokenizer, self.image_tokenizer, self.config = text_tokenizer, image_tokenizer, config
+        # Kept apart from the image tokenizer so that host_copy() can drop the weights and still preprocess.
+        self.image_processor = None if image_tokenizer is None else image_tokenizer.image_processor
+
+    def host_copy(self) -> LibraProcessor:
+        """A copy without the CLIP and quantiser weights, for data-loader workers that receive the processor by
+        pickling (spawn): :meth:`encode_sample` and :meth:`collate` work, :meth:`tokenize_images` needs the
+        original (on the accelerator)."""
+        copy = object.__new__(LibraProcessor)
+        copy.__dict__.update(self.__dict__, image_tokenizer=None)
+        return copy
 
     # ------------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -175,7 +185,7 @@ class LibraProcessor:
         images = _images_list(images)
         if template not in TEMPLATES:
             raise ValueError(f"LibraProcessor.encode_sample: template must be one of {TEMPLATES}, got {template!r}")
-        if images and self.image_tokenizer is None:
+        if images and self.image_processor is None:
             raise ValueError("LibraProcessor.encode_sample: images were given but the processor has no image "
                              "tokenizer")
         if template in ("v1", "caption") and len(images) > 1:
@@ -196,7 +206,7 @@ class LibraProcessor:
                                      max_vision_token_length=self.config.max_vision_token_length)
         kept = int(sample.image_index.max()) + 1 if len(sample) and sample.image_index.max() >= 0 else 0
         if kept:
-            sample.pixel_values = self.image_tokenizer.preprocess(images[:kept])
+            sample.pixel_values = preprocess_images(self.image_processor, images[:kept])
         return sample
 
     # ------------------------------------------------------------------------------------------------ batching

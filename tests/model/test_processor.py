@@ -3,6 +3,7 @@ the image tokenizer run on each image alone and against the model that consumes 
 
 import copy
 import dataclasses
+import pickle
 import shutil
 
 import numpy as np
@@ -200,6 +201,14 @@ def test_two_stage_host_then_device(processor, config):
     assert (host["input_ids"][:, 0, 2:11] == CODE_PLACEHOLDER).all()  # codes come from CLIP at the device stage
     assert host["image_index"][2][host["vision_indices"][2] < config.max_vision_token_length].eq(1).all()
     assert host["pixel_values"].shape[0] == 2
+    # A weight-free copy (what spawn-started loader workers would receive) encodes and collates identically.
+    light = pickle.loads(pickle.dumps(processor.host_copy()))
+    assert light.image_tokenizer is None
+    again = light.collate([light.encode_sample("a red circle", image(8), template="caption"),
+                           light.encode_sample("yes", None, template="caption"),
+                           light.encode_sample("a blue square", image(9), template="caption")], pad_to_multiple_of=8)
+    for key in host:
+        assert torch.equal(host[key], again[key]), key
     batch = processor.tokenize_images(host, return_labels=True)
     check_image_positions(processor, batch, 0, [image(8)])
     check_image_positions(processor, batch, 2, [image(9)])
