@@ -171,13 +171,15 @@ class LibraProcessor:
 
     # --------------------------------------------------------------------------------------------- one sample
     def encode_sample(self, text=None, images=None, *, template: str | None = "v1", max_length: int | None = None,
-                      instruction: str | None = None, clean_caption: bool = True) -> EncodedSample:
+                      instruction: str | None = None, clean_caption: bool = True,
+                      caption_eos: bool = False) -> EncodedSample:
         """One sample -> :class:`EncodedSample` (host tensors; pixel values preprocessed).
 
         template "v1": ``text`` is a question (an inference prompt ending in "ASSISTANT:") or LLaVA turns
         (``[{"from": "human"|"gpt", "value": ...}]``, a training sample when it ends with a gpt turn); at most one
         image, put first in its human turn. "caption": ``text`` is a caption (cleaned unless ``clean_caption`` is
-        False), ``<s>`` + image + "\\n" (+ ``instruction`` + "\\n") + caption. None: raw text where each ``<image>``
+        False), ``<s>`` + image + "\\n" (+ ``instruction`` + "\\n") + caption (+ a target EOS with ``caption_eos``;
+        the release has none). None: raw text where each ``<image>``
         marker takes the next image (no marker and one image: image + "\\n" + text).
         ``images``: None, a PIL image or a list of them. ``max_length`` truncates after splicing (LIBRA.md §7.4).
         Raises ValueError when a label would be cross-modal (LIBRA.md §12.12), which the templates never produce.
@@ -194,7 +196,7 @@ class LibraProcessor:
         if template == "v1":
             parts = v1_parts(text, bool(images))
         elif template == "caption":
-            parts = caption_parts(text, bool(images), instruction=instruction, clean=clean_caption)
+            parts = caption_parts(text, bool(images), instruction=instruction, clean=clean_caption, eos=caption_eos)
         else:
             parts = raw_parts("" if text is None else text, len(images))
         sample = build_sample(parts, self.text_tokenizer, image_length=self.config.max_vision_token_length,

@@ -135,10 +135,12 @@ class Part:
     target: bool = False
 
 
-def caption_parts(caption: str, has_image: bool, *, instruction: str | None = None, clean: bool = True) -> list[Part]:
+def caption_parts(caption: str, has_image: bool, *, instruction: str | None = None, clean: bool = True,
+                  eos: bool = False) -> list[Part]:
     """Pretraining image→text template (LIBRA.md §7.3): ``<s>`` + image + "\\n" + caption, or with an
     instruction ``<s>`` + image + "\\n{instruction}\\n" + caption. Targets: the image's codes and EOI and the caption;
-    the "\\n"/instruction span is masked. Without an image: ``<s>`` + caption."""
+    the "\\n"/instruction span is masked. Without an image: ``<s>`` + caption. ``eos`` appends a target EOS (the
+    release appends none, so its base model never learns to stop, LIBRA.md §11.11)."""
     if not isinstance(caption, str):
         raise TypeError(f"caption_parts: caption must be a str, got {type(caption).__name__}")
     caption = clean_caption(caption) if clean else caption
@@ -147,6 +149,8 @@ def caption_parts(caption: str, has_image: bool, *, instruction: str | None = No
         parts.append(Part("image", target=True))
         parts.append(Part("text", f"\n{instruction}\n" if instruction else "\n"))
     parts.append(Part("text", caption, target=True))
+    if eos:
+        parts.append(Part("eos", target=True))
     return parts
 
 

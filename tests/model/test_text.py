@@ -134,6 +134,9 @@ def test_caption_instruction_span_is_masked(hf, tok):
     assert sample.ids[12:].tolist() == text
     caption = continuation(hf, "\na cat")[1:]
     assert sample.ids[sample.target_mask][10:].tolist() == caption  # after the 9 codes and EOI
+    with_eos = build(caption_parts("a cat", has_image=True, eos=True), tok)
+    without = build(caption_parts("a cat", has_image=True), tok)
+    assert with_eos.ids[-1] == 2 and with_eos.target_mask[-1] and torch.equal(with_eos.ids[:-1], without.ids)
     text_only = build(caption_parts("a cat", has_image=False), tok)
     assert text_only.ids.tolist() == [1] + hf("a cat", add_special_tokens=False).input_ids
     assert text_only.target_mask.tolist() == [False] + [True] * (len(text_only) - 1)
