@@ -131,7 +131,7 @@ def generate(model, input_ids: torch.Tensor, vision_indices: torch.Tensor, atten
     cache = BridgeKVCache(config.num_hidden_layers, capacity=length + max_new_tokens)
     out = model(input_ids, vision_indices, attention_mask, contiguous_signal, return_logits=False,
                 past_key_values=cache)
-    logits = model.last_logits(out.hidden_states, out.layout).float()
+    logits = model.last_logits(out.head_inputs, out.layout).float()
     sequences, indices, masks = [input_ids], [vision_indices.long()], [attention_mask]
     fed_index = vision_indices[:, -1].long()
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -150,7 +150,7 @@ def generate(model, input_ids: torch.Tensor, vision_indices: torch.Tensor, atten
             break
         out = model(tokens[:, :, None], next_index[:, None], masks[-1], None, return_logits=False,
                     past_key_values=cache)
-        logits = model.last_logits(out.hidden_states, out.layout).float()
+        logits = model.last_logits(out.head_inputs, out.layout).float()
         fed_index = next_index
     model.train(was_training)
     return GenerationOutput(torch.cat(sequences, dim=-1), torch.cat(indices, dim=-1), torch.cat(masks, dim=-1),

@@ -21,6 +21,7 @@ from libra_model.config import LibraConfig
 from libra_model.modules.attention import AttentionContext, LibraAttention
 from libra_model.modules.cache import BridgeKVCache
 from libra_model.modules.embedding import LibraEmbeddings
+from libra_model.modules.heads import vision_predictors_2d
 from libra_model.modules.layers import RMSNorm, check_backend, linear, op_backend
 from libra_model.modules.mlp import LibraMLP
 from libra_model.modules.rope import libra_1d_position_ids, libra_2d_position_ids, rotary_cos_sin
@@ -34,12 +35,15 @@ class LibraOutput:
 
     loss: float32 scalar (float64 for a float64 model) or None. logits: [C, B, N, V + Vv] (model dtype) or None;
     -inf where a position cannot predict (the other modality). hidden_states: the final normed hidden states
-    [T, hidden] in sorted order. layout: the ModalityLayout used. past_key_values: the cache, when one was passed.
+    [T, hidden] in sorted order. head_inputs: what the heads read, [T, hidden] ("1d": the hidden states) or
+    [T, 2·hidden] ("2d": the neighbour predictors at vision rows, [h ; 0] at text rows). layout: the ModalityLayout
+    used. past_key_values: the cache, when one was passed.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
+    head_inputs: torch.Tensor | None = None
     layout: ModalityLayout | None = None
     past_key_values: BridgeKVCache | None = None
 
@@ -123,9 +127,6 @@ class LibraForCausalLM(nn.Module):
         super().__init__()
         if not isinstance(config, LibraConfig):
             raise TypeError(f"LibraForCausalLM: config must be a LibraConfig, got {type(config).__name__}")
-        if config.vision_prediction_mode != "1d":
-            raise NotImplementedError("LibraForCausalLM: vision_prediction_mode '2d' is not implemented (only '1d', "
-                                      "the released mode)")
         self.config = config
         self.model = LibraModel(config)
         self.lm_head = linear(config.hidden_size, config.vocab_size)
@@ -133,7 +134,7 @@ class LibraForCausalLM(nn.Module):
         # Only read in "2d" mode; kept so that released checkpoints load and the parameter count matches.
         self.vision_hidden_placeholder = nn.Parameter(torch.empty(config.hidden_size))
         if config.vision_prediction_mode == "1d":
-            # Unused in "1d": not trainable, so optimisers and DDP never see a parameter without a gradient.
+            # Only "2d" reads it: frozen in "1d", so optimisers and DDP never see a parameter without a gradient.
             self.vision_hidden_placeholder.requires_grad_(False)
         self.lm_head_tp_group = None
         self.set_backend(backend)
@@ -207,15 +208,28 @@ class LibraForCausalLM(nn.Module):
         cache = past_key_values
         ctx = self._attention_context(vision_indices, attention_mask, layout, cache, position_ids)
         hidden = self.model(input_ids, layout, ctx, contiguous_signal)
+        head_inputs = self._head_inputs(hidden, layout, vision_indices, cache)
         if cache is not None:
             cache.end()
         loss = None
         if labels is not None:
-            loss = self.loss(hidden, layout, labels, ignore_index=ignore_index)
+            loss = self.loss(head_inputs, layout, labels, ignore_index=ignore_index)
         if return_logits is None:
             return_logits = labels is None
-        logits = self.logits(hidden, layout) if return_logits else None
-        return LibraOutput(loss=loss, logits=logits, hidden_states=hidden, layout=layout, past_key_values=cache)
+        logits = self.logits(head_inputs, layout) if return_logits else None
+        return LibraOutput(loss=loss, logits=logits, hidden_states=hidden, head_inputs=head_inputs, layout=layout,
+                           past_key_values=cache)
+
+    def _head_inputs(self, hidden, layout, vision_indices, cache) -> torch.Tensor:
+        """The heads' input rows [T, hidden] ("1d") or [T, 2·hidden] ("2d", LIBRA.md §5.2), sorted."""
+        if self.config.vision_prediction_mode == "1d":
+            return hidden
+        sequence = layout.unsort(hidden)
+        if cache is not None:
+            sequence = cache.update_hidden(sequence)
+        predictors = vision_predictors_2d(sequence, vision_indices.long(), self.vision_hidden_placeholder,
+                                          self.config.image_feature_resolution)
+        return layout.sort(predictors)
 
     def _attention_context(self, vision_indices, attention_mask, layout, cache, position_ids) -> AttentionContext:
         config = self.config
@@ -244,21 +258,29 @@ class LibraForCausalLM(nn.Module):
         return AttentionContext(layout, cos, sin, layout.vision_mask, mask, None)
 
     # ------------------------------------------------------------------------------------------ heads
+    def _text_head_weight(self, width: int) -> torch.Tensor:
+        """The text head [V, width]: ``lm_head.weight`` zero-padded on the right when the head inputs are wider
+        ("2d" mode, where text rows are [h ; 0]), so one loss call serves both modalities."""
+        weight = self.lm_head.weight
+        return weight if width == weight.shape[1] else F.pad(weight, (0, width - weight.shape[1]))
+
     def loss(self, hidden: torch.Tensor, layout: ModalityLayout, labels: torch.Tensor,
              ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-        """Libra's loss (LIBRA.md §5.3) from the sorted final hidden states [T, hidden] and unshifted labels
-        int64 [C, B, N]: shift in sequence order (position n predicts n+1), sort with the layout, then the fused
-        discrete-token cross entropy (text head on text rows, codebook c's head on vision rows)."""
+        """Libra's loss (LIBRA.md §5.3) from the sorted head inputs [T, width] (see ``LibraOutput.head_inputs``)
+        and unshifted labels int64 [C, B, N]: shift in sequence order (position n predicts n+1), sort with the
+        layout, then the fused discrete-token cross entropy (text head on text rows, codebook c's head on vision
+        rows)."""
         codebooks, batch, length = labels.shape
         shifted = torch.cat([labels[..., 1:], labels.new_full((codebooks, batch, 1), ignore_index)], dim=-1)
         sorted_labels = shifted.reshape(codebooks, batch * length).index_select(1, layout.sort_index)
-        return discrete_token_cross_entropy(hidden, layout.n_text, self.lm_head.weight,
+        return discrete_token_cross_entropy(hidden, layout.n_text, self._text_head_weight(hidden.shape[-1]),
                                             self.vision_lm_head.stacked_weight(), sorted_labels,
                                             ignore_index=ignore_index, process_group=self.lm_head_tp_group,
                                             backend=op_backend(self.backend, "discrete_token_cross_entropy"))
 
     def _text_logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, self.lm_head.weight)
+        # Text rows of "2d" head inputs are [h ; 0]: the first half alone gives the same logits.
+        logits = F.linear(h[..., :self.lm_head.weight.shape[1]], self.lm_head.weight)
         group = self.lm_head_tp_group
         if group is not None:
             import torch.distributed as dist
@@ -271,7 +293,7 @@ class LibraForCausalLM(nn.Module):
         return logits
 
     def logits(self, hidden: torch.Tensor, layout: ModalityLayout) -> torch.Tensor:
-        """Full logits [C, B, N, V + Vv] (model dtype) from the sorted hidden states [T, hidden]: text positions get
+        """Full logits [C, B, N, V + Vv] (model dtype) from the sorted head inputs [T, width]: text positions get
         the text head's logits and -inf over the codebook ids (the same in every row c), vision positions in row c
         get -inf over the text ids and codebook c's logits."""
         config, n_text = self.config, layout.n_text
@@ -285,7 +307,7 @@ class LibraForCausalLM(nn.Module):
 
     def last_logits(self, hidden: torch.Tensor, layout: ModalityLayout) -> torch.Tensor:
         """Logits [C, B, V + Vv] of the last position of every sequence (what decoding needs), with the same -inf
-        convention as :meth:`logits`, without building the full tensor."""
+        convention as :meth:`logits`, without building the full tensor. ``hidden``: the sorted head inputs."""
         config = self.config
         vocab = config.vocab_size
         rows = layout.row_of[:, -1]

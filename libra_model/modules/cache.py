@@ -28,6 +28,7 @@ class BridgeKVCache:
         self.layers: list[list[torch.Tensor] | None] = [None] * num_layers
         self._vision: torch.Tensor | None = None
         self._padding: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int | None:
@@ -69,6 +70,15 @@ class BridgeKVCache:
         self.layers[layer] = buffers
         end = self.length + self._pending
         return tuple(b[:, :end] for b in buffers)
+
+    def update_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Store the new positions' final hidden states [B, n, D] (needed by the "2d" heads, which look back at
+        earlier positions) and return all [B, L, D]."""
+        if hidden.shape[1] != self._pending:
+            raise ValueError(f"BridgeKVCache.update_hidden: expected {self._pending} new positions, "
+                             f"got {hidden.shape[1]}")
+        self._hidden = self._write(self._hidden, hidden, self.length, self.capacity)
+        return self._hidden[:, :self.length + self._pending]
 
     def end(self) -> None:
         """Commit the positions added by the current forward."""

@@ -115,12 +115,39 @@ def naive_logits(state, config, input_ids, vision_indices, attention_mask=None, 
         h = h + routed(inner, m + "down_proj", m + "vision_down_proj")
     h = torch.where(col, rms(h, W("model.vision_norm.weight"), eps), rms(h, W("model.norm.weight"), eps))
     text_logits = h @ W("lm_head.weight").T
+    head_in = h
+    if config.vision_prediction_mode == "2d":
+        head_in = predictors_2d(h, vision_indices, W("vision_hidden_placeholder"), config.image_feature_resolution)
     rows = []
     for c in range(C):
-        vision_logits = h @ W(f"vision_lm_head.heads.{c}.weight").T
+        vision_logits = head_in @ W(f"vision_lm_head.heads.{c}.weight").T
         rows.append(torch.cat([torch.where(col, -math.inf, text_logits),
                                torch.where(col, vision_logits, -math.inf)], -1))
     return torch.stack(rows)
+
+
+def predictors_2d(h, vision_indices, placeholder, R):
+    """LIBRA.md §5.2 literally, image by image: pad the image's hidden states to a full 578-vector image with zeros,
+    build pred(code at (r, c)) = [h(r-1, c) or P ; h(r, c-1) or (BOI for (0, 0)) or P], pred(EOI) = [h(last code) ;
+    P] and the dummy [h(EOI) ; P], place them at BOI, code_1..code_576, EOI, keep the real positions."""
+    B, N, D = h.shape
+    out = torch.zeros(B, N, 2 * D, dtype=h.dtype)
+    for b in range(B):
+        for start in (vision_indices[b] == 0).nonzero().flatten().tolist():
+            real = min(N - start, R * R + 2)
+            image = torch.zeros(R * R + 2, D, dtype=h.dtype)
+            image[:real] = h[b, start:start + real]
+            boi, grid, eoi = image[0], image[1:R * R + 1].view(R, R, D), image[R * R + 1]
+            vectors = []
+            for r in range(R):
+                for c in range(R):
+                    up = grid[r - 1, c] if r > 0 else placeholder
+                    left = grid[r, c - 1] if c > 0 else (boi if r == 0 else placeholder)
+                    vectors.append(torch.cat([up, left]))
+            vectors.append(torch.cat([grid[R - 1, R - 1], placeholder]))
+            vectors.append(torch.cat([eoi, placeholder]))
+            out[b, start:start + real] = torch.stack(vectors)[:real]
+    return out
 
 
 def naive_loss(logits, labels):

@@ -25,7 +25,8 @@ def prompt_batch(config, batch=3, length=24, images=None, padding=None):
     return data
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"use_2d_rope": True}])
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"use_2d_rope": True},
+                                       {"vision_prediction_mode": "2d", "use_2d_rope": True}])
 @pytest.mark.parametrize("chunks", [(10, 1), (7, 3)])
 def test_incremental_decoding_equals_full_forward(overrides, chunks):
     model = build(**overrides)
@@ -94,9 +95,9 @@ def image_prompt(config, batch=2):
     return ids, vi
 
 
-@pytest.mark.parametrize("do_sample", [False, True])
-def test_image_generation_bookkeeping_and_eoi_newline(do_sample):
-    model = build(torch.float32)
+@pytest.mark.parametrize("do_sample,mode", [(False, "1d"), (True, "1d"), (True, "2d")])
+def test_image_generation_bookkeeping_and_eoi_newline(do_sample, mode):
+    model = build(torch.float32, vision_prediction_mode=mode)
     config = model.config
     ids, vi = image_prompt(config)
     codes = config.image_feature_resolution ** 2

@@ -42,11 +42,14 @@ def state_of(model):
     {"norm_signals": False},
     {"addition_mode": True},
     {"vision_codebook_num": 4, "hidden_size": 64},
+    {"vision_prediction_mode": "2d"},
+    {"vision_prediction_mode": "2d", "image_feature_resolution": 4, "max_vision_token_length": 18},
 ])
 def test_matches_naive_reference(overrides):
     model = build(**overrides).eval()
     config = model.config
-    batch = make_batch(config, 3, 30, images=[[2], [14, 25], []], padding=[0, 0, 4])
+    L = config.max_vision_token_length
+    batch = make_batch(config, 3, 30, images=[[2], [3, 4 + L], []], padding=[0, 0, 4])  # the 2nd image is cut
     batch["contiguous_signal"] = batch["contiguous_signal"].double()
     with torch.no_grad():
         out = model(**forward_inputs(batch), labels=batch["labels"], return_logits=True)
@@ -286,3 +289,22 @@ def test_backend_switch_validation():
     assert model.model.layers[1].self_attn.backend == {"bridge_attention": "torch"}
     logits = model(**forward_inputs(make_batch(model.config, 1, 15))).logits
     assert not math.isnan(logits[torch.isfinite(logits)].sum().item())
+
+
+def test_2d_mode_trains_the_placeholder_and_matches_the_torch_path():
+    exact = build(torch.float64, backend="torch", vision_prediction_mode="2d")
+    fast = build(torch.float32, backend="auto", vision_prediction_mode="2d")
+    same = build(torch.float32, backend="torch", vision_prediction_mode="2d")
+    assert exact.vision_lm_head.heads[0].weight.shape[1] == 2 * exact.config.hidden_size
+    batch = make_batch(exact.config, 2, 26)
+    losses, grads = [], []
+    for model in (exact, same, fast):
+        inputs = forward_inputs(batch)
+        inputs["contiguous_signal"] = inputs["contiguous_signal"].to(model.lm_head.weight.dtype)
+        loss = model(**inputs, labels=batch["labels"]).loss
+        loss.backward()
+        losses.append(loss)
+        grads.append(model.vision_hidden_placeholder.grad)
+    assert grads[0].abs().sum() > 0
+    assert_close_to_ref(losses[2], losses[0], losses[1], torch.float32, "loss")
+    assert_close_to_ref(grads[2], grads[0], grads[1], torch.float32, "placeholder grad")
