@@ -162,13 +162,16 @@ def llama_config_to_libra(llama_config: dict, **overrides) -> LibraConfig:
 
 
 def init_from_llama(llama_dir: str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                    backend: str | dict = "auto", **config_overrides) -> LibraForCausalLM:
+                    backend: str | dict = "auto", copy_eos_to_pad: bool = False,
+                    **config_overrides) -> LibraForCausalLM:
     """A Libra model whose language part is an HF LLaMA(-2) checkpoint and whose vision parts are freshly
     initialised (LIBRA.md §2.3; bridges start as exact zero maps).
 
     Args:
         llama_dir: an HF LLaMA directory (config.json + safetensors or .bin weights, sharded or not).
         dtype: the model dtype (default: that of the LLaMA embedding). device: where the model is built.
+        copy_eos_to_pad: overwrite the pad row of ``embed_tokens`` with the EOS row, as the reference training
+            wrapper does (LIBRA.md §7.1, §11.10); off by default so the language part stays the LLaMA checkpoint.
         config_overrides: LibraConfig fields for the vision side (e.g. ``contiguous_signal_size``); the language
             fields come from the LLaMA config.
     Returns:
@@ -186,6 +189,10 @@ def init_from_llama(llama_dir: str, *, dtype: torch.dtype | None = None, device:
     if language_missing:
         raise CheckpointError(f"{llama_dir}: missing LLaMA tensors: {language_missing}")
     _materialise(model, missing, model_dtype, device)
+    if copy_eos_to_pad:
+        with torch.no_grad():
+            table = model.model.embed_tokens.weight
+            table[config.pad_token_id] = table[config.eos_token_id]
     return model
 
 

@@ -119,3 +119,5 @@ def test_init_from_llama_initialises_vision_parts(tmp_path):
         elif "vision" in name:
             assert 0.01 < p.std().item() < 0.03, name  # N(0, 0.02²)
     randomize_parameters(libra)  # the helper works on a loaded model too
+    copied = init_from_llama(str(tmp_path), copy_eos_to_pad=True, **VISION).model.embed_tokens.weight
+    assert torch.equal(copied[0], copied[2]) and not torch.equal(copied[0], copied[3])
