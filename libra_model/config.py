@@ -195,6 +195,10 @@ class LibraConfig:
         if self.num_attention_heads % self.kv_heads:
             raise ValueError(f"LibraConfig: num_attention_heads ({self.num_attention_heads}) must be divisible by "
                              f"num_key_value_heads ({self.kv_heads})")
+        if self.use_2d_rope and self.kv_heads != self.num_attention_heads:
+            raise ValueError("LibraConfig: use_2d_rope assigns a position component per head and needs "
+                             f"num_key_value_heads == num_attention_heads, got {self.kv_heads} and "
+                             f"{self.num_attention_heads}")
         if self.hidden_size % self.vision_codebook_num:
             raise ValueError(f"LibraConfig: hidden_size ({self.hidden_size}) must be divisible by "
                              f"vision_codebook_num ({self.vision_codebook_num})")

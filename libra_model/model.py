@@ -236,7 +236,7 @@ class LibraForCausalLM(nn.Module):
         batch, length = layout.shape
         device = vision_indices.device
         mask = None if attention_mask is None else attention_mask != 0
-        start = getattr(cache, "rope_start", None) if cache is not None and cache.length else None
+        start = cache.rope_start if cache is not None and cache.length else None
         if config.use_2d_rope:
             computed, running = libra_2d_position_ids(vision_indices, config.image_feature_resolution, mask, start)
         else:

@@ -29,6 +29,9 @@ class BridgeKVCache:
         self._vision: torch.Tensor | None = None
         self._padding: torch.Tensor | None = None
         self._hidden: torch.Tensor | None = None
+        # RoPE state after the cached positions, int64 [B]: the count of real tokens (1d) or the running sum of
+        # position increments (2d); set by the model.
+        self.rope_start: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int | None:

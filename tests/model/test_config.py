@@ -24,7 +24,8 @@ def test_libra_11b_has_the_released_values():
 
 
 def test_json_round_trip_and_released_style_file(tmp_path):
-    for config in (LibraConfig.libra_11b(), LibraConfig.tiny(num_key_value_heads=2, use_2d_rope=True)):
+    for config in (LibraConfig.libra_11b(), LibraConfig.tiny(num_key_value_heads=2, vision_prediction_mode="2d"),
+                   LibraConfig.tiny(use_2d_rope=True)):
         path = config.save_pretrained(tmp_path / "c")
         assert LibraConfig.from_pretrained(tmp_path / "c") == config
         assert LibraConfig.from_json_file(path) == config
@@ -65,6 +66,7 @@ def test_transformers_5_rope_parameters_are_read():
     ({"use_bridge": 1}, "use_bridge"),
     ({"bridge_rank": 0}, "bridge_rank"),
     ({"torch_dtype": "int8"}, "torch_dtype"),
+    ({"use_2d_rope": True, "num_key_value_heads": 2}, "use_2d_rope"),
 ])
 def test_inconsistent_values_raise(overrides, match):
     with pytest.raises(ValueError, match=match):
