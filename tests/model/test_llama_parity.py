@@ -1,5 +1,8 @@
 """Text-only Libra equals transformers.LlamaForCausalLM built from the same HF directory (LIBRA.md §12.1)."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from model_fixtures import randomize_parameters
@@ -15,7 +18,9 @@ VISION = dict(vision_vocab_size=18, image_feature_resolution=3, max_vision_token
               contiguous_signal_size=32)
 
 
-def write_llama(directory, kv_heads=4, safe=True, shard=None, dtype=torch.float32):
+def write_llama(directory, kv_heads=4, fmt="safetensors", dtype=torch.float32):
+    """A random tiny LLaMA written by transformers' save_pretrained ("safetensors": one file; "sharded": shards
+    with an index; "no-index": shards whose index is removed) or as torch .bin shards with an index ("bin")."""
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
                          max_position_embeddings=256, pad_token_id=0)
@@ -24,10 +29,23 @@ def write_llama(directory, kv_heads=4, safe=True, shard=None, dtype=torch.float3
     with torch.no_grad():
         for p in llama.parameters():
             p.normal_(0, 0.1) if p.dim() > 1 else p.copy_(1 + 0.1 * torch.randn_like(p))
-    kwargs = {"safe_serialization": safe}
-    if shard:
-        kwargs["max_shard_size"] = shard
-    llama.save_pretrained(directory, **kwargs)
+    directory = Path(directory)
+    if fmt == "bin":
+        config.save_pretrained(directory)
+        state = llama.state_dict()
+        names = sorted(state)
+        weight_map = {}
+        for i, part in enumerate((names[:7], names[7:]), 1):
+            file_name = f"pytorch_model-{i:05d}-of-00002.bin"
+            torch.save({n: state[n].clone() for n in part}, directory / file_name)
+            weight_map.update({n: file_name for n in part})
+        (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        return llama
+    llama.save_pretrained(directory, **({} if fmt == "safetensors" else {"max_shard_size": "40KB"}))
+    files = {p.name for p in directory.iterdir()}
+    assert ("model.safetensors" in files) == (fmt == "safetensors")
+    if fmt == "no-index":
+        (directory / "model.safetensors.index.json").unlink()
     return llama
 
 
@@ -36,9 +54,9 @@ def text_batch(vocab, batch=3, length=29, codebooks=2):
     return ids, ids[None].repeat(codebooks, 1, 1)
 
 
-@pytest.mark.parametrize("kv_heads,safe,shard", [(4, True, None), (2, False, "40KB"), (1, True, "30KB")])
-def test_text_only_logits_equal_llama(tmp_path, kv_heads, safe, shard):
-    llama = write_llama(tmp_path, kv_heads, safe, shard).double().eval()
+@pytest.mark.parametrize("kv_heads,fmt", [(4, "safetensors"), (2, "bin"), (1, "sharded"), (4, "no-index")])
+def test_text_only_logits_equal_llama(tmp_path, kv_heads, fmt):
+    llama = write_llama(tmp_path, kv_heads, fmt).double().eval()
     libra = init_from_llama(str(tmp_path), dtype=torch.float64, backend="torch", **VISION).eval()
     assert libra.config.kv_heads == kv_heads
     ids, ids3 = text_batch(96)
