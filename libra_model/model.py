@@ -121,6 +121,8 @@ class LibraForCausalLM(nn.Module):
 
     ``backend`` ("auto" | "torch" | "triton" | "cpp", or a dict {operator: backend}) is passed to every operator.
     ``lm_head_tp_group`` is handed to the loss as its ``process_group`` (a vocab-parallel text head).
+    ``check_input_values`` (default True) runs the value checks of the inputs (one device-to-host read per
+    forward); a trainer whose collator already guarantees them can turn it off to keep the step free of syncs.
     """
 
     def __init__(self, config: LibraConfig, backend: str | dict = "auto"):
@@ -137,6 +139,7 @@ class LibraForCausalLM(nn.Module):
             # Only "2d" reads it: frozen in "1d", so optimisers and DDP never see a parameter without a gradient.
             self.vision_hidden_placeholder.requires_grad_(False)
         self.lm_head_tp_group = None
+        self.check_input_values = True
         self.set_backend(backend)
         self.init_weights()
 
@@ -201,8 +204,8 @@ class LibraForCausalLM(nn.Module):
             states and the layout.
         """
         config = self.config
-        batch, length = _check_inputs(config, input_ids, vision_indices, attention_mask, contiguous_signal, labels,
-                                      layout)
+        _check_inputs(config, input_ids, vision_indices, attention_mask, contiguous_signal, labels, layout,
+                      self.check_input_values)
         if layout is None:
             layout = ModalityLayout.from_vision_indices(vision_indices, config.max_vision_token_length)
         cache = past_key_values
@@ -347,10 +350,10 @@ class LibraForCausalLM(nn.Module):
 
 
 def _check_inputs(config: LibraConfig, input_ids, vision_indices, attention_mask, contiguous_signal, labels,
-                  layout) -> tuple[int, int]:
-    """Shape/dtype checks (TypeError/ValueError naming the argument) and one combined device-to-host read for the
-    value checks: the modality of the ids must agree with vision_indices, ids must be in range and text ids equal
-    across the codebook rows."""
+                  layout, check_values: bool = True) -> None:
+    """Shape/dtype checks (TypeError/ValueError naming the argument) and, when ``check_values``, one combined
+    device-to-host read for the value checks: the modality of the ids must agree with vision_indices, ids must be
+    in range and text ids equal across the codebook rows."""
     name = "LibraForCausalLM"
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64:
         raise TypeError(f"{name}: input_ids must be an int64 tensor [C, B, N]")
@@ -383,6 +386,8 @@ def _check_inputs(config: LibraConfig, input_ids, vision_indices, attention_mask
                              f"got {tuple(labels.shape)}")
     if layout is not None and (not isinstance(layout, ModalityLayout) or layout.shape != (batch, length)):
         raise ValueError(f"{name}: layout must be a ModalityLayout of shape {(batch, length)}")
+    if not check_values:
+        return
     vocab, limit = config.vocab_size, config.max_vision_token_length
     is_vision = vision_indices < limit
     ids_vision = input_ids >= vocab
@@ -400,4 +405,3 @@ def _check_inputs(config: LibraConfig, input_ids, vision_indices, attention_mask
     for bad, message in zip(problems, messages):
         if bad:
             raise ValueError(f"{name}: {message}")
-    return batch, length

@@ -197,6 +197,9 @@ def test_inconsistent_inputs_raise():
     check("attention_mask", attention_mask=inputs["attention_mask"][:1])
     check("labels", labels=batch["labels"][:1])
     check("layout", layout=ModalityLayout.from_vision_mask(torch.zeros(2, 23, dtype=torch.bool)))
+    model.check_input_values = False  # shape checks stay; the value checks (a host sync) are skipped
+    check("vision_indices", vision_indices=inputs["vision_indices"][:, :-1])
+    model(**{**inputs, "input_ids": ids})
 
 
 def test_logits_only_when_asked_or_without_labels():
