@@ -89,7 +89,7 @@ void check_inputs(const at::Tensor& h, const at::Tensor& weight, const at::Tenso
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 2 && labels.size(0) == S && labels.size(1) == n &&
                   labels.device() == h.device(),
               kOp, ": labels must be int64 [S, n] on h's device, got ", labels.sizes());
-  if (row_weights.numel() > 0) {
+  if (row_weights.dim() != 1 || row_weights.numel() != 0) {
     TORCH_CHECK(row_weights.dim() == 2 && row_weights.size(0) == S && row_weights.size(1) == n &&
                     row_weights.scalar_type() == stat && row_weights.device() == h.device(),
                 kOp, ": row_weights must be [S, n] in ", stat, " on h's device");
@@ -99,11 +99,11 @@ void check_inputs(const at::Tensor& h, const at::Tensor& weight, const at::Tenso
                     lse->device() == h.device(),
                 kOp, ": lse must be [S, n] in ", stat, " on h's device");
   }
-  if (dh.numel() > 0) {
+  if (dh.dim() != 1 || dh.numel() != 0) {
     TORCH_CHECK(dh.sizes() == h.sizes() && dh.scalar_type() == h.scalar_type() && dh.device() == h.device() &&
                     dh.is_contiguous(),
                 kOp, ": dh must be a contiguous tensor of h's shape, dtype and device (or empty)");
-    TORCH_CHECK(row_weights.numel() > 0, kOp, ": dh needs row_weights");
+    TORCH_CHECK(row_weights.dim() == 2, kOp, ": dh needs row_weights");
   }
 }
 
@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
   at::Tensor loss = given_lse ? at::empty({0}, stat_options) : at::empty({S, n}, stat_options);
   at::Tensor stats = given_lse ? at::empty({0}, stat_options) : at::empty({3, S, n}, stat_options);
   at::Tensor dw = need_dw ? at::empty({S, K, hidden}, weight.options()) : at::empty({0}, weight.options());
-  TORCH_CHECK(!need_dw || row_weights.numel() > 0, kOp, ": dW needs row_weights");
+  TORCH_CHECK(!need_dw || row_weights.dim() == 2, kOp, ": dW needs row_weights");
   if (n == 0) {
     if (need_dw) dw.zero_();
     return {loss, stats, dw};
@@ -148,7 +148,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
   const int64_t budget = chunk_elements > 0 ? chunk_elements : kDefaultChunkElements;
   const int64_t chunk = rows_per_chunk(budget, S * K, n);
   const bool one_chunk = chunk == n;
-  const bool pass_a_grads = dh.numel() > 0 || (need_dw && one_chunk);
+  const bool want_dh = dh.dim() == 2;
+  const bool pass_a_grads = want_dh || (need_dw && one_chunk);
   const Rows common = common_rows(labels, label_offset, ignore_index, vocab, label_smoothing, z_loss_weight);
 
   if (!given_lse || pass_a_grads) {
@@ -179,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
         a.weight_stride_r = row_weights.stride(1);
       }
       run_rows(logits, a);
-      if (dh.numel() > 0) {
+      if (want_dh) {
         auto dh_chunk = dh.narrow(0, r0, r);
         at::mm_out(dh_chunk, logits, W);
       }
@@ -226,8 +227,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
 TORCH_LIBRARY_FRAGMENT(libra, m) {
   // One head of S segments with K ids each: h [n, hidden]; weight [S, K, hidden] (h's dtype); labels int64 [S, n]
   // (local id = label - label_offset; ignore_index ignored); row_weights [S, n] float32 (float64 for float64 h,
-  // any strides) = d total / d loss(row, segment), or empty when no gradient is asked; lse [S, n]: given (the
-  // vocab-parallel global one) or None to compute it; dh: [n, hidden] written with the gradient of h, or empty.
+  // any strides) = d total / d loss(row, segment), or an empty [0] when no gradient is asked; lse [S, n]: given (the
+  // vocab-parallel global one) or None to compute it; dh: [n, hidden] written with the gradient of h, or an empty
+  // [0] to skip it.
   // vocab: ids of a segment's full vocabulary (label-smoothing divisor). Returns (loss [S, n], stats [3, S, n] =
   // (lse, target logit, sum of logits) of this buffer's ids, dW [S, K, hidden] or [0]); loss and stats are [0]
   // when lse is given. chunk_elements <= 0 selects the default budget of the logits buffer.

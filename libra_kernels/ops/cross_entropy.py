@@ -8,17 +8,41 @@ appears once per codebook (as in the reference's [C, B, N, V + Vv] logits with -
     "mean": (1/C) Σ_c (Σ valid losses of codebook row c) / (number of valid targets of row c)  (Libra's loss;
             a codebook row with no valid target contributes 0)
     "sum":  Σ over the whole valid grid;   "none": the [C, T] grid, 0 at ignored targets.
+Options, on both groups: ``label_smoothing`` eps spreads eps of the target mass uniformly over the row's own
+vocabulary (V for text rows, Vv for vision rows: the -inf entries of the concatenated logits get none), and
+``z_loss_weight`` w adds w·logsumexp² per valid target (returned separately, detached, by ``return_z_loss``).
 
-Parts: the reference ``discrete_token_cross_entropy_ref``; the "torch" kernel (one logits block per head,
-explicit backward); the registered operator ``torch.ops.libra.discrete_token_cross_entropy`` (+ ``_backward``)
-with fake implementations and autograd; the public ``discrete_token_cross_entropy``.
+The "cpp" backend is the fused C++/CUDA operator ``torch.ops.libra.linear_cross_entropy`` (csrc/cross_entropy.cpp),
+called once for the text head and once for all codebook heads side by side, so text rows are computed once however
+many codebooks there are. It never materialises the logits: row chunks of logits by GEMM, a row kernel for the loss
+and the logit gradient (written in place), dh and dW by GEMM; the chunk budget is documented in that file. The
+gradients are produced in the forward pass for grad_output = 1 and the backward only scales them by grad_output,
+in place unless the graph is retained for another backward. For reduction="none" grad_output is one weight per
+element, which the forward cannot know: that forward computes only the loss and the log-sum-exp, and the backward
+runs the kernel again with the saved log-sum-exp (one more logits GEMM, no second softmax pass).
+
+Vocab parallelism (``process_group``): w_text is this rank's shard, rows [rank·V/tp, (rank+1)·V/tp) of the text
+head; vision heads are replicated. The text head's per-row log-sum-exp, target logit and sum of logits are
+reduced over the group (two all-reduces for the whole call), then the kernel runs again with the global
+log-sum-exp to produce the gradients (one extra local logits GEMM instead of one collective per chunk), and the
+text rows' partial dh is all-reduced. Every rank gets the full loss, the full dh, its shard's dW and the full
+(identical) vision dW. The "torch" backend all-gathers the text head and runs the unsharded reference.
+
+Parts: the reference ``discrete_token_cross_entropy_ref``; the "torch" and "cpp" kernels; the registered operator
+``torch.ops.libra.discrete_token_cross_entropy`` (+ ``_backward``) with fake implementations and autograd; the
+public ``discrete_token_cross_entropy``.
 """
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from libra_kernels import _ext
 from libra_kernels.backend import Kernel, KernelTable, always_available
 from libra_kernels.validation import check_floating, check_like, check_n_text, check_shape, check_tensor
 
@@ -26,28 +50,53 @@ OP = "discrete_token_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
 
 
+class _Options(NamedTuple):
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss_weight: float
+    chunk_elements: int  # 0: the C++ default budget
+    group_name: str  # "": no vocab parallelism
+
+
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def discrete_token_cross_entropy_ref(h, n_text, w_text, w_vision, labels, *, ignore_index=-100, reduction="mean"):
+def _group(name: str):
+    return dist.distributed_c10d._resolve_process_group(name) if name else None
+
+
+# ---- reference
+
+
+def _ref_head(logits, target, valid, label_smoothing, z_loss_weight, stat):
+    """Loss (with z-loss) and z-loss of each row of one head; 0 at invalid rows."""
+    logits = logits.to(stat)
+    loss = F.cross_entropy(logits, target.where(valid, 0), reduction="none", label_smoothing=label_smoothing)
+    z = z_loss_weight * logits.logsumexp(-1).square()
+    return (loss + z) * valid, z * valid
+
+
+def discrete_token_cross_entropy_ref(h, n_text, w_text, w_vision, labels, *, ignore_index=-100, reduction="mean",
+                                     label_smoothing=0.0, z_loss_weight=0.0, return_z_loss=False):
     """Pure-PyTorch reference (differentiable by autograd). h [T, hidden]; w_text [V, hidden];
     w_vision [C, Vv, hidden]; labels int64 [C, T]. Logits are computed in h's dtype and soft-maxed in float32
-    (float64 for float64 input); the loss has that statistics dtype."""
+    (float64 for float64 input); the loss has that statistics dtype. With ``return_z_loss`` returns
+    (loss, z_loss), z_loss being the z-loss part of loss under the same reduction."""
     stat = _loss_dtype(h.dtype)
     vocab = w_text.shape[0]
-    text_target = labels[0, :n_text]
-    text_valid = text_target != ignore_index
-    text_loss = F.cross_entropy((h[:n_text] @ w_text.T).to(stat), text_target.where(text_valid, 0), reduction="none")
-    rows = []
+    valid = labels != ignore_index
+    text_loss, text_z = _ref_head(h[:n_text] @ w_text.T, labels[0, :n_text], valid[0, :n_text], label_smoothing,
+                                  z_loss_weight, stat)
+    losses, zs = [], []
     for c in range(w_vision.shape[0]):
-        target = labels[c, n_text:]
-        valid = target != ignore_index
-        logits = (h[n_text:] @ w_vision[c].T).to(stat)
-        vision_loss = F.cross_entropy(logits, (target - vocab).where(valid, 0), reduction="none")
-        rows.append(torch.cat([text_loss * text_valid, vision_loss * valid]))
-    grid = torch.stack(rows)
-    return _reduce(grid, labels != ignore_index, reduction)
+        loss, z = _ref_head(h[n_text:] @ w_vision[c].T, labels[c, n_text:] - vocab, valid[c, n_text:],
+                            label_smoothing, z_loss_weight, stat)
+        losses.append(torch.cat([text_loss, loss]))
+        zs.append(torch.cat([text_z, z]))
+    loss = _reduce(torch.stack(losses), valid, reduction)
+    return (loss, _reduce(torch.stack(zs), valid, reduction)) if return_z_loss else loss
 
 
 def _reduce(grid, valid, reduction):
@@ -58,113 +107,336 @@ def _reduce(grid, valid, reduction):
     return (grid.sum(1) / valid.sum(1).clamp(min=1)).mean()
 
 
-def _head_grads(h, weight, target, valid, row_weight, stat):
-    """Loss rows of one head and the gradient of its logits scaled by row_weight (0 at invalid rows)."""
-    logits = (h @ weight.T).to(stat)
-    log_probs = torch.log_softmax(logits, dim=-1)
-    safe_target = target.where(valid, 0)
-    loss = -log_probs.gather(1, safe_target[:, None])[:, 0] * valid
-    dlogits = log_probs.exp()
-    dlogits[torch.arange(len(target), device=h.device), safe_target] -= 1
-    return loss, dlogits * (row_weight * valid)[:, None]
-
-
-def _element_weights(grad_out, valid, reduction, stat):
-    """d loss / d grid element, [C, T]."""
-    if reduction == "none":
-        return grad_out.to(stat)
+def _codebook_weights(valid, reduction, stat):
+    """d loss / d element of each codebook row of the grid for grad_output = 1 ("mean" / "sum"), [C]."""
+    codebooks = valid.shape[0]
     if reduction == "sum":
-        return grad_out.to(stat).expand(valid.shape)
-    counts = valid.sum(1, keepdim=True).clamp(min=1).to(stat)
-    return (grad_out.to(stat) / (valid.shape[0] * counts)).expand(valid.shape)
+        return torch.ones(codebooks, dtype=stat, device=valid.device)
+    return 1 / (codebooks * valid.sum(1).clamp(min=1).to(stat))
 
 
-def _torch_forward(h, n_text, w_text, w_vision, labels, ignore_index, reduction):
-    with torch.no_grad():
-        return discrete_token_cross_entropy_ref(h, n_text, w_text, w_vision, labels, ignore_index=ignore_index,
-                                                reduction=reduction)
+# ---- "torch" backend: the reference formulas with an explicit backward
 
 
-def _torch_backward(grad_out, h, n_text, w_text, w_vision, labels, ignore_index, reduction, needs):
-    """needs = (h, w_text, w_vision) flags; returns their gradients ([0] tensors where not needed)."""
+def _gather_rows(weight, group):
+    """The full text head from the shards of ``group`` (identity without a group)."""
+    if group is None:
+        return weight
+    full = weight.new_empty((dist.get_world_size(group) * weight.shape[0], *weight.shape[1:]))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(full, weight.contiguous(), group=group)
+    return full
+
+
+def _own_rows(full_grad, shard_rows, group):
+    if group is None or full_grad.numel() == 0:
+        return full_grad
+    rank = dist.get_rank(group)
+    return full_grad[rank * shard_rows:(rank + 1) * shard_rows].contiguous()
+
+
+def _torch_logit_grad(logits, target, valid, weight, opts, stat):
+    """Gradient of Σ_r weight[r]·loss[r] with respect to the logits [n, K] of one head."""
+    z = logits.to(stat)
+    lse = z.logsumexp(-1, keepdim=True)
+    grad = (z - lse).exp() * (1 + 2 * opts.z_loss_weight * lse) - opts.label_smoothing / z.shape[-1]
+    grad[torch.arange(len(target), device=z.device), target.where(valid, 0)] -= 1 - opts.label_smoothing
+    return grad * (weight * valid)[:, None]
+
+
+def _torch_grads(h, n_text, w_text, w_vision, labels, weights, needs, opts):
+    """Gradients of Σ weights·grid (weights [C, T]) for the full (unsharded) text head: (dh, dw_text, dw_vision),
+    [0] tensors where not needed."""
     need_h, need_w_text, need_w_vision = needs
     stat = _loss_dtype(h.dtype)
     vocab = w_text.shape[0]
-    valid = labels != ignore_index
-    weights = _element_weights(grad_out, valid, reduction, stat)
+    valid = labels != opts.ignore_index
     h_text, h_vision = h[:n_text].to(stat), h[n_text:].to(stat)
     dh = torch.zeros(h.shape, dtype=stat, device=h.device)
     # A text row's loss appears in every codebook row of the grid: its logits gradient sums their weights.
-    _, d_text = _head_grads(h[:n_text], w_text, labels[0, :n_text], valid[0, :n_text], weights[:, :n_text].sum(0),
-                            stat)
+    d_text = _torch_logit_grad(h[:n_text] @ w_text.T, labels[0, :n_text], valid[0, :n_text],
+                               weights[:, :n_text].sum(0), opts, stat)
     dh[:n_text] = d_text @ w_text.to(stat)
     d_w_text = (d_text.T @ h_text).to(w_text.dtype) if need_w_text else h.new_empty(0)
     d_w_vision = torch.zeros(w_vision.shape, dtype=stat, device=h.device)
     for c in range(w_vision.shape[0]):
-        target = labels[c, n_text:] - vocab
-        _, d_vision = _head_grads(h[n_text:], w_vision[c], target, valid[c, n_text:], weights[c, n_text:], stat)
+        d_vision = _torch_logit_grad(h[n_text:] @ w_vision[c].T, labels[c, n_text:] - vocab, valid[c, n_text:],
+                                     weights[c, n_text:], opts, stat)
         dh[n_text:] += d_vision @ w_vision[c].to(stat)
         d_w_vision[c] = d_vision.T @ h_vision
-    empty = h.new_empty(0)
-    return (dh.to(h.dtype) if need_h else empty, d_w_text,
-            d_w_vision.to(w_vision.dtype) if need_w_vision else empty)
+    return (dh.to(h.dtype) if need_h else h.new_empty(0), d_w_text,
+            d_w_vision.to(w_vision.dtype) if need_w_vision else h.new_empty(0))
+
+
+def _torch_lse(h, n_text, w_text, w_vision, stat):
+    codebooks = w_vision.shape[0]
+    text = (h[:n_text] @ w_text.T).to(stat).logsumexp(-1).expand(codebooks, -1)
+    vision = torch.einsum("td,cvd->ctv", h[n_text:], w_vision).to(stat).logsumexp(-1)
+    return torch.cat([text, vision], 1)
+
+
+def _torch_forward(h, n_text, w_text, w_vision, labels, needs, opts):
+    group = _group(opts.group_name)
+    w_full = _gather_rows(w_text, group)
+    stat = _loss_dtype(h.dtype)
+    with torch.no_grad():
+        loss, z_loss = discrete_token_cross_entropy_ref(
+            h, n_text, w_full, w_vision, labels, ignore_index=opts.ignore_index, reduction=opts.reduction,
+            label_smoothing=opts.label_smoothing, z_loss_weight=opts.z_loss_weight, return_z_loss=True)
+        lse = _torch_lse(h, n_text, w_full, w_vision, stat)
+        grads = (h.new_empty(0), h.new_empty(0), h.new_empty(0))
+        if opts.reduction != "none" and any(needs):
+            valid = labels != opts.ignore_index
+            weights = _codebook_weights(valid, opts.reduction, stat)[:, None].expand(labels.shape)
+            dh, d_w_text, d_w_vision = _torch_grads(h, n_text, w_full, w_vision, labels, weights, needs, opts)
+            grads = (dh, _own_rows(d_w_text, w_text.shape[0], group), d_w_vision)
+    return (loss, z_loss, *grads, lse)
+
+
+def _torch_backward(grad_out, h, n_text, w_text, w_vision, labels, lse, needs, opts):
+    group = _group(opts.group_name)
+    with torch.no_grad():
+        dh, d_w_text, d_w_vision = _torch_grads(h, n_text, _gather_rows(w_text, group), w_vision, labels,
+                                                grad_out.to(_loss_dtype(h.dtype)), needs, opts)
+    return dh, _own_rows(d_w_text, w_text.shape[0], group), d_w_vision
+
+
+# ---- "cpp" backend: the fused C++/CUDA operator, once per head
+
+
+def _cpp_head(h, weight, labels, row_weights, lse, dh, label_offset, vocab, need_dw, opts):
+    """torch.ops.libra.linear_cross_entropy on one head: (loss [S, n], stats [3, S, n], dW [S, K, hidden] or [0])."""
+    return torch.ops.libra.linear_cross_entropy(h, weight, labels, row_weights, lse, dh, label_offset,
+                                                opts.ignore_index, vocab, opts.label_smoothing, opts.z_loss_weight,
+                                                need_dw, opts.chunk_elements)
+
+
+def _cpp_text_head(h, w_text, labels, row_weights, dh, need_dw, opts):
+    """The text head, vocab-parallel when opts names a group: (loss [1, n], lse [1, n], dW [1, V/tp, hidden])."""
+    group = _group(opts.group_name)
+    if group is None:
+        loss, stats, d_w = _cpp_head(h, w_text[None], labels, row_weights, None, dh, 0, w_text.shape[0], need_dw,
+                                     opts)
+        return loss, stats[0], d_w
+    tp, rank, shard = dist.get_world_size(group), dist.get_rank(group), w_text.shape[0]
+    vocab = tp * shard
+    no = h.new_empty(0)
+    _, stats, _ = _cpp_head(h, w_text[None], labels, no, None, no, rank * shard, vocab, False, opts)
+    # Global log-sum-exp from the shards' ones; the target logit and the sum of logits are plain sums.
+    local_lse = stats[0, 0]
+    lse_max = local_lse.clone()
+    dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
+    sums = torch.stack([(local_lse - lse_max).exp(), stats[1, 0], stats[2, 0]])
+    dist.all_reduce(sums, group=group)
+    lse = lse_max + sums[0].log()
+    eps, z_weight = opts.label_smoothing, opts.z_loss_weight
+    loss = lse - (1 - eps) * sums[1] - eps / vocab * sums[2] + z_weight * lse.square()
+    loss = torch.where(labels[0] != opts.ignore_index, loss, 0)
+    d_w = no
+    if dh.dim() == 2 or need_dw:
+        _, _, d_w = _cpp_head(h, w_text[None], labels, row_weights, lse[None], dh, rank * shard, vocab, need_dw,
+                              opts)
+        if dh.dim() == 2:
+            dist.all_reduce(dh, group=group)
+    return loss[None], lse[None], d_w
+
+
+def _combine(text, vision, valid, reduction):
+    """Reduce the text part [1, n_text] (one value per text row, counted once per codebook) and the vision part
+    [C, n_vision] of the grid like ``_reduce`` does with the whole grid."""
+    codebooks = vision.shape[0]
+    if reduction == "none":
+        return torch.cat([text.expand(codebooks, -1), vision], 1)
+    if reduction == "sum":
+        return text.sum() * codebooks + vision.sum()
+    return ((text.sum() + vision.sum(1)) / valid.sum(1).clamp(min=1)).mean()
+
+
+def _cpp_forward(h, n_text, w_text, w_vision, labels, needs, opts):
+    stat = _loss_dtype(h.dtype)
+    group = _group(opts.group_name)
+    codebooks, vision_vocab = w_vision.shape[:2]
+    vocab = w_text.shape[0] * (dist.get_world_size(group) if group is not None else 1)
+    valid = labels != opts.ignore_index
+    no = h.new_empty(0)
+    grads_now = opts.reduction != "none" and any(needs)
+    need_h, need_w_text, need_w_vision = needs if grads_now else (False, False, False)
+    text_weights = vision_weights = no.to(stat)
+    if grads_now:
+        per_codebook = _codebook_weights(valid, opts.reduction, stat)
+        text_weights = per_codebook.sum().expand(1, n_text)
+        vision_weights = per_codebook[:, None].expand(codebooks, h.shape[0] - n_text)
+    dh = torch.empty_like(h) if need_h else no
+    vision_loss, vision_stats, d_w_vision = _cpp_head(
+        h[n_text:], w_vision, labels[:, n_text:], vision_weights, None, dh[n_text:] if need_h else no, vocab,
+        vision_vocab, need_w_vision, opts)
+    text_loss, text_lse, d_w_text = _cpp_text_head(h[:n_text], w_text, labels[:1, :n_text], text_weights,
+                                                   dh[:n_text] if need_h else no, need_w_text, opts)
+    loss = _combine(text_loss, vision_loss, valid, opts.reduction)
+    vision_lse = vision_stats[0]
+    if opts.z_loss_weight:
+        z = lambda lse, ok: opts.z_loss_weight * lse.square() * ok
+        z_loss = _combine(z(text_lse, valid[:1, :n_text]), z(vision_lse, valid[:, n_text:]), valid, opts.reduction)
+    else:
+        z_loss = torch.zeros_like(loss)
+    lse = torch.cat([text_lse.expand(codebooks, -1), vision_lse], 1)
+    return loss, z_loss, dh, d_w_text.view(w_text.shape) if need_w_text else h.new_empty(0), d_w_vision, lse
+
+
+def _cpp_backward(grad_out, h, n_text, w_text, w_vision, labels, lse, needs, opts):
+    stat = _loss_dtype(h.dtype)
+    group = _group(opts.group_name)
+    need_h, need_w_text, need_w_vision = needs
+    vocab = w_text.shape[0] * (dist.get_world_size(group) if group is not None else 1)
+    weights = grad_out.to(stat)
+    no = h.new_empty(0)
+    dh = torch.empty_like(h) if need_h else no
+    d_w_vision = d_w_text = no
+    if need_h or need_w_vision:
+        _, _, d_w_vision = _cpp_head(h[n_text:], w_vision, labels[:, n_text:], weights[:, n_text:], lse[:, n_text:],
+                                     dh[n_text:] if need_h else no, vocab, w_vision.shape[1], need_w_vision, opts)
+    if need_h or need_w_text:
+        shard_start = dist.get_rank(group) * w_text.shape[0] if group is not None else 0
+        dh_text = dh[:n_text] if need_h else no
+        _, _, d_w_text = _cpp_head(h[:n_text], w_text[None], labels[:1, :n_text],
+                                   weights[:, :n_text].sum(0, keepdim=True), lse[:1, :n_text], dh_text, shard_start,
+                                   vocab, need_w_text, opts)
+        if group is not None and need_h:
+            dist.all_reduce(dh_text, group=group)
+    d_w_text = d_w_text.view(w_text.shape) if need_w_text else h.new_empty(0)
+    return dh, d_w_text, d_w_vision if need_w_vision else h.new_empty(0)
+
+
+def _cpp_unavailable(device: torch.device) -> str:
+    if not _ext.cpp_extension_loaded():
+        return f"the C++ extension is not built; {_ext.BUILD_HINT}"
+    if not _ext.has_kernel("linear_cross_entropy", device):
+        return f"the C++ extension was built without {device.type} kernels"
+    return ""
 
 
 TABLE = KernelTable(OP, auto_order={"cpu": ("cpp",), "cuda": ("cpp",)})
 TABLE.register("torch", Kernel(_torch_forward, _torch_backward, always_available))
+TABLE.register("cpp", Kernel(_cpp_forward, _cpp_backward, _cpp_unavailable))
+
+
+# ---- registered operators, fakes and autograd
 
 
 @torch.library.custom_op("libra::discrete_token_cross_entropy", mutates_args=())
 def discrete_token_cross_entropy_op(h: torch.Tensor, n_text: int, w_text: torch.Tensor, w_vision: torch.Tensor,
-                                    labels: torch.Tensor, ignore_index: int, reduction: str,
-                                    backend: str) -> torch.Tensor:
-    """Registered operator: the loss ([] for "mean"/"sum", [C, T] for "none") by the named backend."""
-    return TABLE.get(backend).forward(h, n_text, w_text, w_vision, labels, ignore_index, reduction)
+                                    labels: torch.Tensor, ignore_index: int, reduction: str, label_smoothing: float,
+                                    z_loss_weight: float, needs: list[bool], chunk_elements: int, group_name: str,
+                                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor, torch.Tensor]:
+    """Registered operator. Returns (loss, z_loss, dh, dw_text, dw_vision, lse): loss and z_loss are [] for
+    "mean"/"sum" and [C, T] for "none" (float32, float64 for float64 h); dh [T, hidden], dw_text [V/tp, hidden],
+    dw_vision [C, Vv, hidden] are the gradients for grad_output = 1 of the inputs flagged in ``needs`` (h, w_text,
+    w_vision) when reduction is "mean"/"sum", else [0]; lse [C, T] is each element's log-sum-exp."""
+    opts = _Options(ignore_index, reduction, label_smoothing, z_loss_weight, chunk_elements, group_name)
+    # Label values are checked here, inside the operator, so a compiled graph checks them too (one host read).
+    group = _group(group_name)
+    vocab = w_text.shape[0] * (dist.get_world_size(group) if group is not None else 1)
+    validate_labels(labels, n_text, vocab, w_vision.shape[1], ignore_index)
+    return TABLE.get(backend).forward(h, n_text, w_text, w_vision, labels, tuple(needs), opts)
 
 
 @torch.library.custom_op("libra::discrete_token_cross_entropy_backward", mutates_args=())
 def discrete_token_cross_entropy_backward_op(grad_out: torch.Tensor, h: torch.Tensor, n_text: int,
                                              w_text: torch.Tensor, w_vision: torch.Tensor, labels: torch.Tensor,
-                                             ignore_index: int, reduction: str, needs: list[bool], backend: str
+                                             lse: torch.Tensor, ignore_index: int, label_smoothing: float,
+                                             z_loss_weight: float, needs: list[bool], chunk_elements: int,
+                                             group_name: str, backend: str
                                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Registered backward: (dh, dw_text, dw_vision); a [0] tensor for each one not needed."""
-    return TABLE.get(backend).backward(grad_out, h, n_text, w_text, w_vision, labels, ignore_index, reduction,
-                                       tuple(needs))
+    """Registered backward of reduction="none": grad_out [C, T] -> (dh, dw_text, dw_vision), [0] where not needed."""
+    opts = _Options(ignore_index, "none", label_smoothing, z_loss_weight, chunk_elements, group_name)
+    return TABLE.get(backend).backward(grad_out, h, n_text, w_text, w_vision, labels, lse, tuple(needs), opts)
 
 
-@discrete_token_cross_entropy_op.register_fake
-def _fake_forward(h, n_text, w_text, w_vision, labels, ignore_index, reduction, backend):
-    shape = tuple(labels.shape) if reduction == "none" else ()
-    return h.new_empty(shape, dtype=_loss_dtype(h.dtype))
-
-
-@discrete_token_cross_entropy_backward_op.register_fake
-def _fake_backward(grad_out, h, n_text, w_text, w_vision, labels, ignore_index, reduction, needs, backend):
+def _fake_grads(h, w_text, w_vision, needs):
     return tuple(torch.empty_like(t) if need else h.new_empty(0) for t, need in zip((h, w_text, w_vision), needs))
 
 
+@discrete_token_cross_entropy_op.register_fake
+def _fake_forward(h, n_text, w_text, w_vision, labels, ignore_index, reduction, label_smoothing, z_loss_weight,
+                  needs, chunk_elements, group_name, backend):
+    stat = _loss_dtype(h.dtype)
+    shape = tuple(labels.shape) if reduction == "none" else ()
+    grads = _fake_grads(h, w_text, w_vision, needs if reduction != "none" else (False, False, False))
+    return (h.new_empty(shape, dtype=stat), h.new_empty(shape, dtype=stat), *grads,
+            h.new_empty(labels.shape, dtype=stat))
+
+
+@discrete_token_cross_entropy_backward_op.register_fake
+def _fake_backward(grad_out, h, n_text, w_text, w_vision, labels, lse, ignore_index, label_smoothing, z_loss_weight,
+                   needs, chunk_elements, group_name, backend):
+    return _fake_grads(h, w_text, w_vision, needs)
+
+
+def _fake_linear_cross_entropy(h, weight, labels, row_weights, lse, dh, label_offset, ignore_index, vocab,
+                               label_smoothing, z_loss_weight, need_dw, chunk_elements):
+    stat = _loss_dtype(h.dtype)
+    segments, rows = weight.shape[0], h.shape[0]
+    loss = h.new_empty((segments, rows) if lse is None else (0,), dtype=stat)
+    stats = h.new_empty((3, segments, rows) if lse is None else (0,), dtype=stat)
+    return loss, stats, torch.empty_like(weight) if need_dw else weight.new_empty(0)
+
+
+if _ext.cpp_extension_loaded():
+    torch.library.register_fake("libra::linear_cross_entropy")(_fake_linear_cross_entropy)
+
+
 def _setup_context(ctx, inputs, output):
-    h, n_text, w_text, w_vision, labels, ignore_index, reduction, backend = inputs
-    ctx.save_for_backward(h, w_text, w_vision, labels)
-    ctx.args = (n_text, ignore_index, reduction, backend)
+    h, n_text, w_text, w_vision, labels, ignore_index, reduction, eps, z_weight, needs, chunk, group, backend = inputs
+    _, _, dh, d_w_text, d_w_vision, lse = output
+    ctx.save_for_backward(h, w_text, w_vision, labels, lse, dh, d_w_text, d_w_vision)
+    ctx.args = (n_text, ignore_index, reduction, eps, z_weight, needs, chunk, group, backend)
+    ctx.set_materialize_grads(False)
+    # Only the loss is differentiable: z_loss is for logging (its gradient is part of the loss's), and the rest are
+    # the gradients and statistics handed to the backward.
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad_out):
-    h, w_text, w_vision, labels = ctx.saved_tensors
-    n_text, ignore_index, reduction, backend = ctx.args
-    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
-    grads = discrete_token_cross_entropy_backward_op(grad_out.contiguous(), h, n_text, w_text, w_vision, labels,
-                                                     ignore_index, reduction, needs, backend)
-    dh, d_w_text, d_w_vision = (g if need else None for g, need in zip(grads, needs))
-    return dh, None, d_w_text, d_w_vision, None, None, None, None
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (True when unknown, which is always safe)."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
+
+
+def _backward(ctx, grad_loss, *_unused):
+    h, w_text, w_vision, labels, lse, *computed = ctx.saved_tensors
+    n_text, ignore_index, reduction, eps, z_weight, needs, chunk, group, backend = ctx.args
+    wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+    if grad_loss is None or not any(wanted):
+        return (None,) * 13
+    if reduction == "none":
+        grads = discrete_token_cross_entropy_backward_op(grad_loss.contiguous(), h, n_text, w_text, w_vision, labels,
+                                                         lse, ignore_index, eps, z_weight, wanted, chunk, group,
+                                                         backend)
+    else:
+        if any(want and not had for want, had in zip(wanted, needs)):
+            raise RuntimeError(f"{OP}: a gradient is asked for that the forward was told not to compute "
+                               f"(needs={needs})")
+        # The forward computed the gradients for grad_loss = 1. In an eager backward that does not keep the graph
+        # the saved tensors are dead after this call: scale them in place, so no second copy of dW (250 MiB for
+        # the 7B text head in bf16) is allocated. A kept graph (retain_graph, gradcheck) or a traced backward
+        # (tensor subclasses: functionalisation would turn the mutation into an output) gets scaled copies.
+        in_place = type(grad_loss) is torch.Tensor and not _graph_is_kept()
+        scale = torch.Tensor.mul_ if in_place else torch.mul
+        grads = [scale(g, grad_loss) if want else None for g, want in zip(computed, wanted)]
+    dh, d_w_text, d_w_vision = (g if want else None for g, want in zip(grads, wanted))
+    return (dh, None, d_w_text, d_w_vision) + (None,) * 9
 
 
 discrete_token_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---- validation and the public function
+
+
 def validate_labels(labels: torch.Tensor, n_text: int, vocab: int, vision_vocab: int, ignore_index: int) -> None:
     """Raise ValueError if a label has the wrong modality for its row, is out of range, or if text labels differ
-    across codebook rows. One device-to-host read per call."""
+    across codebook rows. labels int64 [C, T]; one device-to-host read per call."""
     text, vision = labels[:, :n_text], labels[:, n_text:]
     ignored_text, ignored_vision = text == ignore_index, vision == ignore_index
     problems = torch.stack([
@@ -187,7 +459,25 @@ def validate_labels(labels: torch.Tensor, n_text: int, vocab: int, vision_vocab:
             raise ValueError(f"{OP}: labels: {message}")
 
 
-def _validate(h, n_text, w_text, w_vision, labels, ignore_index, reduction) -> None:
+def _check_number(name, value, low, high=math.inf):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{OP}: {name} must be a number, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{OP}: {name} must be in [{low}, {high}], got {value}")
+
+
+def _check_group(process_group) -> str:
+    """The group's name; "" without vocab parallelism (no group, or a group of one rank)."""
+    if process_group is None:
+        return ""
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"{OP}: process_group must be a torch.distributed ProcessGroup or None, "
+                        f"got {type(process_group).__name__}")
+    return process_group.group_name if dist.get_world_size(process_group) > 1 else ""
+
+
+def _validate(h, n_text, w_text, w_vision, labels, ignore_index, reduction, label_smoothing, z_loss_weight,
+              chunk_elements) -> None:
     check_tensor(OP, "h", h, ndim=2)
     check_floating(OP, "h", h)
     check_n_text(OP, n_text, h.shape[0])
@@ -208,29 +498,48 @@ def _validate(h, n_text, w_text, w_vision, labels, ignore_index, reduction) -> N
         raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    validate_labels(labels, n_text, w_text.shape[0], w_vision.shape[1], ignore_index)
+    _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+    _check_number("z_loss_weight", z_loss_weight, 0.0)
+    if chunk_elements is not None:
+        if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int):
+            raise TypeError(f"{OP}: chunk_elements must be an int or None, got {type(chunk_elements).__name__}")
+        if chunk_elements < 1:
+            raise ValueError(f"{OP}: chunk_elements must be positive, got {chunk_elements}")
 
 
 def discrete_token_cross_entropy(h: torch.Tensor, n_text: int, w_text: torch.Tensor, w_vision: torch.Tensor,
                                  labels: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                                 process_group=None, backend: str = "auto") -> torch.Tensor:
+                                 label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
+                                 return_z_loss: bool = False, process_group=None, chunk_elements: int | None = None,
+                                 backend: str = "auto"):
     """Libra's loss over the text vocabulary and the visual codebooks on sorted hidden states.
 
     Args:
         h: [T, hidden] float16/bfloat16/float32/float64; rows [0, n_text) text, [n_text, T) vision.
         n_text: number of text rows.
-        w_text: [V, hidden] text head. w_vision: [C, Vv, hidden] codebook heads. h's dtype and device.
+        w_text: [V, hidden] text head (with process_group: this rank's [V/tp, hidden] shard, rows
+            [rank·V/tp, (rank+1)·V/tp)). w_vision: [C, Vv, hidden] codebook heads. Both of h's dtype and device.
         labels: int64 [C, T] in the combined id space (text ids [0, V), codebook ids [V, V + Vv)) or ignore_index.
         reduction: "mean" (Libra's loss), "sum" or "none" ([C, T], 0 at ignored targets).
-        process_group: a torch.distributed group to make w_text a vocabulary shard (vocab-parallel loss).
+        label_smoothing: in [0, 1], spread over the row's own vocabulary (V for text rows, Vv for vision rows).
+        z_loss_weight: >= 0; adds z_loss_weight·logsumexp² per valid target.
+        return_z_loss: also return the z-loss part of the loss (same reduction, detached, for logging).
+        process_group: a torch.distributed group over which the text head is sharded (vocab-parallel loss). Every
+            rank gets the full loss and gradient of h; the text rows' partial gradients of h are all-reduced here,
+            so h must not pass through another gradient all-reduce for this loss.
+        chunk_elements: most elements of the "cpp" backend's logits buffer (None: 2^23).
         backend: "auto", "torch" or "cpp".
     Returns:
-        the loss in float32 (float64 for float64 h).
+        the loss in float32 (float64 for float64 h): [] or [C, T] for "none"; with return_z_loss, (loss, z_loss).
     Raises:
         ValueError on a label of the wrong modality or out of range, or text labels that differ across rows.
     """
-    if process_group is not None:
-        raise NotImplementedError(f"{OP}: process_group (the vocab-parallel loss) is not implemented yet")
-    _validate(h, n_text, w_text, w_vision, labels, ignore_index, reduction)
+    group_name = _check_group(process_group)
+    _validate(h, n_text, w_text, w_vision, labels, ignore_index, reduction, label_smoothing, z_loss_weight,
+              chunk_elements)
     name = TABLE.resolve(backend, h.device)
-    return discrete_token_cross_entropy_op(h, n_text, w_text, w_vision, labels, ignore_index, reduction, name)
+    needs = [torch.is_grad_enabled() and t.requires_grad for t in (h, w_text, w_vision)]
+    loss, z_loss, *_ = discrete_token_cross_entropy_op(h, n_text, w_text, w_vision, labels, ignore_index, reduction,
+                                                       float(label_smoothing), float(z_loss_weight), needs,
+                                                       chunk_elements or 0, group_name, name)
+    return (loss, z_loss.detach()) if return_z_loss else loss

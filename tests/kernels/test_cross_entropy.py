@@ -5,7 +5,9 @@ from backends import CROSS_ENTROPY
 
 from libra_kernels import discrete_token_cross_entropy
 from libra_kernels.ops.cross_entropy import discrete_token_cross_entropy_ref
-from libra_kernels.testing import check_against_reference, random_labels
+from libra_kernels.testing import assert_close_to_ref, check_against_reference, random_labels
+
+CPP = [b for b in CROSS_ENTROPY if b == "cpp"]
 
 
 def loss_by_concatenated_logits(h, n_text, w_text, w_vision, labels, ignore_index=-100, reduction="mean"):
@@ -30,6 +32,24 @@ def loss_by_concatenated_logits(h, n_text, w_text, w_vision, labels, ignore_inde
     return torch.stack(losses).mean()
 
 
+def loss_by_formula(h, n_text, w_text, w_vision, labels, label_smoothing, z_loss_weight, ignore_index=-100):
+    """Independent float64 per-element formula with the options: lse - (1-eps) z_y - eps/K Σ z + w lse², K the
+    row's own vocabulary; returns the [C, T] grid (0 at ignored targets)."""
+    vocab = w_text.shape[0]
+    grid = torch.zeros(labels.shape, dtype=h.dtype)
+    for c in range(labels.shape[0]):
+        for r in range(h.shape[0]):
+            label = int(labels[c, r])
+            if label == ignore_index:
+                continue
+            z = h[r] @ (w_text if r < n_text else w_vision[c]).T
+            target = label if r < n_text else label - vocab
+            lse = torch.log(torch.exp(z - z.max()).sum()) + z.max()
+            grid[c, r] = (lse - (1 - label_smoothing) * z[target] - label_smoothing / len(z) * z.sum()
+                          + z_loss_weight * lse**2)
+    return grid
+
+
 def make_inputs(n_text, n_vision, hidden, vocab, vision_vocab, codebooks, ignore=0.2):
     f64 = dict(dtype=torch.float64)
     return dict(h=torch.randn(n_text + n_vision, hidden, **f64), n_text=n_text,
@@ -46,6 +66,7 @@ SHAPES = [  # n_text, n_vision, hidden, V, Vv, C, ignored fraction
     (5, 6, 8, 31, 7, 1, 1.0),        # everything ignored
     (0, 0, 8, 31, 7, 2, 0.0),        # T = 0
 ]
+OPTIONS = [dict(label_smoothing=0.1), dict(z_loss_weight=0.01), dict(label_smoothing=0.25, z_loss_weight=0.1)]
 
 
 @pytest.mark.parametrize("backend", CROSS_ENTROPY)
@@ -59,6 +80,48 @@ def test_matches_reference(backend, dtype, reduction, shape):
     check_against_reference(op, ref, inputs, dtype, grad_inputs=("h", "w_text", "w_vision"))
 
 
+@pytest.mark.parametrize("backend", CROSS_ENTROPY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_options_match_reference(backend, dtype, reduction, options):
+    # A small logits buffer: 7 text rows per chunk (23 = 3·7 + 2), 18 vision rows per chunk (41 = 2·18 + 5), and
+    # the weight-gradient pass in blocks of ids.
+    inputs = make_inputs(23, 41, 33, 97, 19, 2)
+    op = lambda **kw: discrete_token_cross_entropy(**kw, **options, reduction=reduction, chunk_elements=7 * 97,
+                                                   backend=backend)
+    ref = lambda **kw: discrete_token_cross_entropy_ref(**kw, **options, reduction=reduction)
+    check_against_reference(op, ref, inputs, dtype, grad_inputs=("h", "w_text", "w_vision"))
+
+
+@pytest.mark.parametrize("backend", CPP)
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 97 + 5, 64 * 97, None])
+@pytest.mark.parametrize("grad_inputs", [("h",), ("w_text", "w_vision"), ("h", "w_vision")])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunk_boundaries(backend, chunk_elements, grad_inputs, reduction):
+    """One row per chunk, chunks that do not divide T, one chunk; dh alone, dW alone (pass B), both."""
+    inputs = make_inputs(29, 35, 17, 97, 19, 2)
+    op = lambda **kw: discrete_token_cross_entropy(**kw, reduction=reduction, label_smoothing=0.05,
+                                                   chunk_elements=chunk_elements, backend=backend)
+    ref = lambda **kw: discrete_token_cross_entropy_ref(**kw, reduction=reduction, label_smoothing=0.05)
+    check_against_reference(op, ref, inputs, torch.float32, grad_inputs=grad_inputs)
+
+
+@pytest.mark.parametrize("backend", CROSS_ENTROPY)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_returns_z_loss(backend, reduction):
+    inputs = make_inputs(13, 21, 16, 41, 9, 2)
+    loss, z_loss = discrete_token_cross_entropy(**inputs, reduction=reduction, z_loss_weight=0.03,
+                                                return_z_loss=True, backend=backend)
+    expected_loss, expected_z = discrete_token_cross_entropy_ref(**inputs, reduction=reduction, z_loss_weight=0.03,
+                                                                 return_z_loss=True)
+    assert_close_to_ref(loss, expected_loss, None, torch.float64, "loss")
+    assert_close_to_ref(z_loss, expected_z, None, torch.float64, "z_loss")
+    assert not z_loss.requires_grad
+    plain = discrete_token_cross_entropy(**inputs, reduction=reduction, backend=backend)
+    assert_close_to_ref(loss - z_loss, plain, None, torch.float64, "loss without its z-loss")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_reference_matches_concatenated_logits(reduction, shape):
@@ -66,6 +129,14 @@ def test_reference_matches_concatenated_logits(reduction, shape):
     expected = loss_by_concatenated_logits(**inputs, reduction=reduction)
     actual = discrete_token_cross_entropy_ref(**inputs, reduction=reduction)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_reference_options_match_formula(options):
+    inputs = make_inputs(7, 9, 8, 23, 9, 2)
+    grid = loss_by_formula(**inputs, **{"label_smoothing": 0.0, "z_loss_weight": 0.0, **options})
+    actual = discrete_token_cross_entropy_ref(**inputs, **options, reduction="none")
+    torch.testing.assert_close(actual, grid, rtol=1e-10, atol=1e-10)
 
 
 def test_mean_is_libra_per_modality_formula():
@@ -85,8 +156,9 @@ def test_gradcheck_float64(backend, reduction):
     inputs = make_inputs(4, 5, 6, 9, 5, 2)
     tensors = tuple(inputs[k].requires_grad_() for k in ("h", "w_text", "w_vision"))
     fn = lambda h, wt, wv: discrete_token_cross_entropy(h, 4, wt, wv, inputs["labels"], reduction=reduction,
+                                                        label_smoothing=0.1, z_loss_weight=0.05, chunk_elements=20,
                                                         backend=backend)
-    assert torch.autograd.gradcheck(fn, tensors)
+    assert torch.autograd.gradcheck(fn, tensors, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", CROSS_ENTROPY)
@@ -96,6 +168,65 @@ def test_frozen_text_head_gets_no_gradient(backend):
     w_text = inputs["w_text"].float()
     discrete_token_cross_entropy(h, 6, w_text, w_vision, inputs["labels"], backend=backend).backward()
     assert w_text.grad is None and h.grad is not None and w_vision.grad is not None
+    # The forward is told which gradients to produce and does no dW work for the frozen head.
+    outputs = torch.ops.libra.discrete_token_cross_entropy(h.detach(), 6, w_text, w_vision.detach(), inputs["labels"],
+                                                           -100, "mean", 0.0, 0.0, [True, False, True], 0, "", backend)
+    assert outputs[3].numel() == 0 and outputs[2].shape == h.shape and outputs[4].shape == w_vision.shape
+
+
+@pytest.mark.parametrize("backend", CPP)
+def test_kernel_skips_weight_gradient_when_not_asked(backend):
+    h, weight = torch.randn(9, 4), torch.randn(1, 11, 4)
+    labels = torch.randint(0, 11, (1, 9))
+    dh = torch.empty_like(h)
+    _, _, d_w = torch.ops.libra.linear_cross_entropy(h, weight, labels, torch.ones(1, 9), None, dh, 0, -100, 11, 0.0,
+                                                     0.0, False, 0)
+    assert d_w.numel() == 0
+
+
+@pytest.mark.parametrize("backend", CROSS_ENTROPY)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_retained_graph_backward_twice(backend, reduction):
+    """The gradients made in the forward are scaled by copy when the graph is retained, in place otherwise."""
+    inputs = make_inputs(8, 9, 8, 15, 5, 2)
+    leaves = [inputs[k].float().requires_grad_() for k in ("h", "w_text", "w_vision")]
+    loss = discrete_token_cross_entropy(leaves[0], 8, leaves[1], leaves[2], inputs["labels"], reduction=reduction,
+                                        backend=backend).sum()
+    loss.backward(torch.tensor(0.5), retain_graph=True)
+    once = [t.grad.clone() for t in leaves]
+    loss.backward(torch.tensor(1.5))
+    for t, first in zip(leaves, once):
+        torch.testing.assert_close(t.grad, 4 * first)
+
+
+@pytest.mark.parametrize("backend", CROSS_ENTROPY)
+def test_no_grad_mode(backend):
+    inputs = make_inputs(8, 9, 8, 15, 5, 2)
+    h = inputs["h"].float().requires_grad_()
+    with torch.no_grad():
+        loss = discrete_token_cross_entropy(h, 8, inputs["w_text"].float(), inputs["w_vision"].float(),
+                                            inputs["labels"], backend=backend)
+    assert not loss.requires_grad
+    expected = discrete_token_cross_entropy_ref(**inputs)
+    same_precision = discrete_token_cross_entropy_ref(
+        **{**inputs, **{k: inputs[k].float() for k in ("h", "w_text", "w_vision")}})
+    assert_close_to_ref(loss, expected, same_precision, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CROSS_ENTROPY)
+def test_torch_compile_fullgraph(backend):
+    inputs = make_inputs(8, 9, 8, 15, 5, 2)
+    h, w_text, w_vision = (inputs[k].float().requires_grad_() for k in ("h", "w_text", "w_vision"))
+    fn = lambda h, wt, wv: discrete_token_cross_entropy(h, 8, wt, wv, inputs["labels"], label_smoothing=0.1,
+                                                        backend=backend)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    loss = compiled(h, w_text, w_vision)
+    grads = torch.autograd.grad(loss, (h, w_text, w_vision))
+    expected = fn(h, w_text, w_vision)
+    expected_grads = torch.autograd.grad(expected, (h, w_text, w_vision))
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("backend", CROSS_ENTROPY)
@@ -104,7 +235,19 @@ def test_opcheck(backend, reduction):
     inputs = make_inputs(6, 7, 8, 15, 5, 2)
     h, w_text, w_vision = (inputs[k].float().requires_grad_() for k in ("h", "w_text", "w_vision"))
     torch.library.opcheck(torch.ops.libra.discrete_token_cross_entropy,
-                          (h, 6, w_text, w_vision, inputs["labels"], -100, reduction, backend))
+                          (h, 6, w_text, w_vision, inputs["labels"], -100, reduction, 0.1, 0.01, [True] * 3, 0, "",
+                           backend))
+
+
+@pytest.mark.parametrize("backend", CPP)
+@pytest.mark.parametrize("given_lse", [False, True])
+def test_opcheck_kernel(backend, given_lse):
+    h, weight = torch.randn(9, 4), torch.randn(2, 11, 4)
+    labels = torch.randint(30, 41, (2, 9))
+    lse = torch.randn(2, 9) + 3 if given_lse else None
+    torch.library.opcheck(torch.ops.libra.linear_cross_entropy,
+                          (h, weight, labels, torch.rand(2, 9), lse, torch.empty_like(h), 30, -100, 11, 0.1, 0.01,
+                           True, 40))
 
 
 def _labels_with(change):
@@ -123,10 +266,11 @@ def _labels_with(change):
     (torch.zeros(2, 7, dtype=torch.int32), TypeError, "labels must be int64"),
     (torch.zeros(3, 7, dtype=torch.int64), ValueError, "labels must have shape"),
 ])
-def test_bad_labels(labels, error, match):
+@pytest.mark.parametrize("backend", CROSS_ENTROPY)
+def test_bad_labels(labels, error, match, backend):
     h, w_text, w_vision = torch.randn(7, 4), torch.randn(10, 4), torch.randn(2, 5, 4)
     with pytest.raises(error, match=match):
-        discrete_token_cross_entropy(h, 3, w_text, w_vision, labels)
+        discrete_token_cross_entropy(h, 3, w_text, w_vision, labels, backend=backend)
 
 
 @pytest.mark.parametrize("change,error,match", [
@@ -136,6 +280,12 @@ def test_bad_labels(labels, error, match):
     (dict(h=torch.randn(7, 4, dtype=torch.float64)), TypeError, "w_text must have the dtype of h"),
     (dict(n_text=8), ValueError, "n_text must be in"),
     (dict(ignore_index=None), TypeError, "ignore_index must be an int"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
+    (dict(label_smoothing="0.1"), TypeError, "label_smoothing must be a number"),
+    (dict(z_loss_weight=-1e-4), ValueError, "z_loss_weight must be in"),
+    (dict(chunk_elements=0), ValueError, "chunk_elements must be positive"),
+    (dict(chunk_elements=2.5), TypeError, "chunk_elements must be an int"),
+    (dict(process_group="tp"), TypeError, "process_group must be a torch.distributed ProcessGroup"),
 ])
 def test_bad_arguments(change, error, match):
     args = dict(h=torch.randn(7, 4), n_text=3, w_text=torch.randn(10, 4), w_vision=torch.randn(2, 5, 4),
@@ -143,3 +293,71 @@ def test_bad_arguments(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         discrete_token_cross_entropy(**args)
+
+
+# ---- gpu tier
+
+
+def _cuda_backends():
+    from libra_kernels.ops.cross_entropy import TABLE
+
+    if not torch.cuda.is_available():
+        return ["cpp"]
+    return [name for name, kernel in TABLE.kernels.items() if not kernel.unavailable(torch.device("cuda"))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _cuda_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [None, 300 * 1000 + 7])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_vocabulary_shapes(backend, dtype, chunk_elements, reduction):
+    """Libra's vocabularies (32,000 text ids, two 514-id codebooks) on odd row counts, with several chunks."""
+    inputs = make_inputs(301, 799, 136, 32000, 514, 2)
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    op = lambda **kw: discrete_token_cross_entropy(**kw, reduction=reduction, label_smoothing=0.1,
+                                                   z_loss_weight=1e-3, chunk_elements=chunk_elements, backend=backend)
+    ref = lambda **kw: discrete_token_cross_entropy_ref(**kw, reduction=reduction, label_smoothing=0.1,
+                                                        z_loss_weight=1e-3)
+    check_against_reference(op, ref, inputs, dtype, grad_inputs=("h", "w_text", "w_vision"))
+
+
+@pytest.mark.gpu
+def test_cuda_offsets_beyond_int32():
+    """One chunk of 70,001 × 32,000 bf16 logits (2.24e9 elements): offsets past 2^31 must not wrap."""
+    device = torch.device("cuda")
+    n_text, hidden, vocab = 70001, 16, 32000
+    h = torch.randn(n_text + 3, hidden, device=device, dtype=torch.float64)
+    w_text = torch.randn(vocab, hidden, device=device, dtype=torch.float64) / 4
+    w_vision = torch.randn(2, 514, hidden, device=device, dtype=torch.float64) / 4
+    labels = random_labels(n_text, 3, vocab, 514, 2, ignore_fraction=0.1).to(device)
+    # The last text rows, whose logits start past 2^31, get the largest ids.
+    labels[:, n_text - 5:n_text] = vocab - 1
+    leaves = [t.bfloat16().requires_grad_() for t in (h, w_text, w_vision)]
+    loss = discrete_token_cross_entropy(leaves[0], n_text, leaves[1], leaves[2], labels, reduction="sum",
+                                        chunk_elements=2**32, backend="cpp")
+    loss.backward()
+    # Float64 reference by hand, in row chunks so it fits in memory; compared on the text rows.
+    hb, wb = leaves[0].detach().double(), leaves[1].detach().double()
+    valid = labels[0, :n_text] != -100
+    target = labels[0, :n_text].where(valid, 0)
+    expected_loss = 0.0
+    expected_dw = torch.zeros_like(wb)
+    expected_dh = torch.zeros(n_text, hidden, device=device, dtype=torch.float64)
+    for r0 in range(0, n_text, 8192):
+        rows = slice(r0, min(n_text, r0 + 8192))
+        logits = hb[rows] @ wb.T
+        log_probs = logits.log_softmax(-1)
+        ok = valid[rows].double()
+        expected_loss += (-(log_probs.gather(1, target[rows, None])[:, 0]) * ok).sum().item() * 2
+        grad = log_probs.exp()
+        grad[torch.arange(grad.shape[0], device=device), target[rows]] -= 1
+        grad *= 2 * ok[:, None]
+        expected_dh[rows] = grad @ wb
+        expected_dw += grad.T @ hb[rows]
+    vision = discrete_token_cross_entropy_ref(hb[n_text:], 0, wb, leaves[2].detach().double(), labels[:, n_text:],
+                                              reduction="sum")
+    total = torch.tensor(expected_loss + vision.item(), dtype=torch.float64)
+    assert_close_to_ref(loss.detach().cpu().double(), total, None, torch.bfloat16, "loss")
+    assert_close_to_ref(leaves[0].grad[:n_text], expected_dh, None, torch.bfloat16, "grad of h (text rows)")
+    assert_close_to_ref(leaves[1].grad, expected_dw, None, torch.bfloat16, "grad of w_text")
