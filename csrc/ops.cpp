@@ -32,10 +32,26 @@ TORCH_LIBRARY(libra, m) {
       "routed_linear_bwd(Tensor grad_y, Tensor x, Tensor low, SymInt n_text, Tensor w_text, Tensor w_vision_a, "
       "Tensor? w_vision_b, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // ---- several routed projections of one input (attention's q, k, v and bridge A factors): map i has w_text[i]
+  // [out_i, in], w_vision_a[i] [r_i, in] and, when has_b[i] is 1, a B factor [out_i, r_i] (w_vision_b lists those
+  // in map order); a map without one has out_i = r_i and its vision rows output x @ w_vision_a[i].T.
+  // Returns (y [T, sum out_i], low [T - n_text, sum r_i]), the maps side by side.
+  m.def(
+      "routed_projections_fwd(Tensor x, SymInt n_text, Tensor[] w_text, Tensor[] w_vision_a, Tensor[] w_vision_b, "
+      "int[] has_b) -> (Tensor, Tensor)");
+  // Returns (dx or [0], d_w_text[i], d_w_vision_a[i], d_w_vision_b[j] (one per listed B factor)); [0] tensors
+  // where not needed.
+  m.def(
+      "routed_projections_bwd(Tensor grad_y, Tensor x, Tensor low, SymInt n_text, Tensor[] w_text, "
+      "Tensor[] w_vision_a, Tensor[] w_vision_b, int[] has_b, bool need_x, bool[] need_w_text, "
+      "bool[] need_w_vision_a, bool[] need_w_vision_b) -> (Tensor, Tensor[], Tensor[], Tensor[])");
+
   // ---- modality layout (DESIGN.md §2).
   // vision_mask bool [B, N] -> (sort_index int64 [T], row_of int64 [B, N], counts int64 [2] = (n_text, n_vision)),
   // all on the mask's device; nothing is read back to the host.
   m.def("modality_layout(Tensor vision_mask) -> (Tensor, Tensor, Tensor)");
-  // out[r] = x[index[r]] for the rows of x [T, ...]; index int64 [T] must be a permutation of [0, T).
-  m.def("permute_rows(Tensor x, Tensor index) -> Tensor");
+  // out[r] = x[index[r]] for the rows of x [T, ...]; index int64 [T] must be a permutation of [0, T) and
+  // inverse_index its inverse, which only the backward uses (the gradient is the gather by the inverse: no
+  // scatter, no atomics, no zero fill).
+  m.def("permute_rows(Tensor x, Tensor index, Tensor inverse_index) -> Tensor");
 }

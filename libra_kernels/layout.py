@@ -1,10 +1,90 @@
-"""The sorted modality layout (DESIGN.md §2): text rows first, then vision rows, each in (batch, position) order."""
+"""The sorted modality layout (DESIGN.md §2): text rows first, then vision rows, each in (batch, position) order.
+
+Two implementations: the C++ ops ``torch.ops.libra.modality_layout`` (the layout built on the device in one pass,
+no host synchronisation inside) and ``torch.ops.libra.permute_rows`` (the sort/unsort gathers, whose backward is
+the gather by the inverse permutation), used when the extension is built; and a PyTorch fallback (argsort and
+index_select). ``backend="auto" | "torch" | "cpp"`` picks one; ``LIBRA_BACKEND=torch`` forces the fallback.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+from libra_kernels import _ext
+
+BACKENDS = ("torch", "cpp")
+
+
+def _cpp_available(device: torch.device) -> bool:
+    return _ext.has_kernel("modality_layout", device) and _ext.has_kernel("permute_rows", device)
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The layout implementation for ``device``: "cpp" or "torch" (see the module docstring)."""
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"ModalityLayout: backend must be one of 'auto', 'torch', 'cpp'; got {backend!r}")
+    if backend == "cpp" and not _cpp_available(device):
+        raise RuntimeError(f"ModalityLayout: backend 'cpp' cannot run on {device.type}: the C++ extension is not "
+                           f"built with {device.type} kernels; {_ext.BUILD_HINT}")
+    if backend == "auto":
+        preferred = os.environ.get("LIBRA_BACKEND", "auto")
+        return "cpp" if preferred != "torch" and _cpp_available(device) else "torch"
+    return backend
+
+
+def _build_torch(vision_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat = vision_mask.reshape(-1)
+    # A stable sort on the 0/1 flag keeps (batch, position) order inside each group.
+    sort_index = torch.argsort(flat.to(torch.int8), stable=True)
+    row_of = torch.empty_like(sort_index)
+    row_of[sort_index] = torch.arange(flat.numel(), device=flat.device)
+    n_vision = flat.sum()
+    counts = torch.stack([flat.numel() - n_vision, n_vision])
+    return sort_index, row_of.view(vision_mask.shape), counts
+
+
+def build_layout(vision_mask: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layout tensors of a bool [B, N] mask, on its device, with nothing read back to the host:
+    (sort_index int64 [T], row_of int64 [B, N], counts int64 [2] = (n_text, n_vision))."""
+    if resolve_backend(backend, vision_mask.device) == "cpp":
+        return torch.ops.libra.modality_layout(vision_mask)
+    return _build_torch(vision_mask)
+
+
+def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse_index: torch.Tensor, backend: str = "auto"
+                 ) -> torch.Tensor:
+    """out[r] = x[index[r]] for x [T, ...] of any dtype (differentiable); index int64 [T] is a permutation and
+    inverse_index its inverse (the backward gathers with it)."""
+    if resolve_backend(backend, x.device) == "cpp":
+        return torch.ops.libra.permute_rows(x, index, inverse_index)
+    return x.index_select(0, index)
+
+
+if _ext.cpp_extension_loaded():
+    @torch.library.register_fake("libra::modality_layout")
+    def _fake_layout(vision_mask):
+        long = dict(dtype=torch.long, device=vision_mask.device)
+        return (torch.empty(vision_mask.numel(), **long), torch.empty(vision_mask.shape, **long),
+                torch.empty(2, **long))
+
+    @torch.library.register_fake("libra::permute_rows")
+    def _fake_permute_rows(x, index, inverse_index):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def _permute_setup_context(ctx, inputs, output):
+        _x, index, inverse_index = inputs
+        ctx.save_for_backward(index, inverse_index)
+
+    def _permute_backward(ctx, grad):
+        index, inverse_index = ctx.saved_tensors
+        # out = P x  =>  dx = P^-1 dout: a gather by the inverse permutation.
+        return torch.ops.libra.permute_rows(grad, inverse_index, index), None, None
+
+    torch.library.register_autograd("libra::permute_rows", _permute_backward, setup_context=_permute_setup_context)
 
 
 @dataclass(frozen=True)
@@ -16,8 +96,10 @@ class ModalityLayout:
         sort_index: int64 [T]; sorted row r holds the token at flat position ``sort_index[r]`` (= b·N + n).
         row_of: int64 [B, N]; the sorted row of token (b, n), the inverse permutation of ``sort_index``.
         vision_mask: bool [B, N]; True at vision tokens.
+        backend: "auto", "torch" or "cpp": the implementation of ``sort``/``unsort`` (module docstring).
 
     Build it on the host (the collator knows where images are), so no operator needs a device-to-host sync to route.
+    Built on a GPU, the layout is computed there and only the two counts come back (one sync per layout).
     Indices are int64 because ``torch.gather`` and friends require it.
     """
 
@@ -26,26 +108,26 @@ class ModalityLayout:
     sort_index: torch.Tensor
     row_of: torch.Tensor
     vision_mask: torch.Tensor
+    backend: str = "auto"
 
     @classmethod
-    def from_vision_mask(cls, vision_mask: torch.Tensor) -> ModalityLayout:
-        """Layout of a bool [B, N] mask (True = vision token). Reads the vision count back once if on a GPU."""
+    def from_vision_mask(cls, vision_mask: torch.Tensor, *, backend: str = "auto") -> ModalityLayout:
+        """Layout of a bool [B, N] mask (True = vision token), built on the mask's device. The two group sizes are
+        read back to the host once (the only synchronisation)."""
         if not isinstance(vision_mask, torch.Tensor):
             raise TypeError(f"ModalityLayout: vision_mask must be a torch.Tensor, got {type(vision_mask).__name__}")
         if vision_mask.dtype != torch.bool or vision_mask.dim() != 2:
             raise ValueError(f"ModalityLayout: vision_mask must be a bool [B, N] tensor, got {vision_mask.dtype} "
                              f"{tuple(vision_mask.shape)}")
-        flat = vision_mask.reshape(-1)
-        # A stable sort on the 0/1 flag keeps (batch, position) order inside each group.
-        sort_index = torch.argsort(flat.to(torch.int8), stable=True)
-        row_of = torch.empty_like(sort_index)
-        row_of[sort_index] = torch.arange(flat.numel(), device=flat.device)
-        n_vision = int(flat.sum())
-        return cls(n_text=flat.numel() - n_vision, n_vision=n_vision, sort_index=sort_index,
-                   row_of=row_of.view(vision_mask.shape), vision_mask=vision_mask)
+        name = resolve_backend(backend, vision_mask.device)
+        sort_index, row_of, counts = build_layout(vision_mask, name)
+        n_text, n_vision = counts.tolist()
+        return cls(n_text=n_text, n_vision=n_vision, sort_index=sort_index, row_of=row_of, vision_mask=vision_mask,
+                   backend=name)
 
     @classmethod
-    def from_vision_indices(cls, vision_indices: torch.Tensor, max_vision_token_length: int) -> ModalityLayout:
+    def from_vision_indices(cls, vision_indices: torch.Tensor, max_vision_token_length: int, *,
+                            backend: str = "auto") -> ModalityLayout:
         """Layout of Libra's int [B, N] ``vision_indices`` (values < max_vision_token_length are vision tokens)."""
         if not isinstance(vision_indices, torch.Tensor) or vision_indices.dtype.is_floating_point:
             raise TypeError("ModalityLayout: vision_indices must be an integer torch.Tensor")
@@ -55,7 +137,7 @@ class ModalityLayout:
                 or max_vision_token_length <= 0:
             raise ValueError(f"ModalityLayout: max_vision_token_length must be a positive int, "
                              f"got {max_vision_token_length!r}")
-        return cls.from_vision_mask(vision_indices < max_vision_token_length)
+        return cls.from_vision_mask(vision_indices < max_vision_token_length, backend=backend)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,21 +155,24 @@ class ModalityLayout:
         return self.sort_index % self.vision_mask.shape[1]
 
     def sort(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N, ...] -> [T, ...] in sorted order (differentiable)."""
+        """[B, N, ...] -> [T, ...] in sorted order (differentiable; the backward is the unsort gather)."""
         batch, length = self.shape
         if x.shape[:2] != (batch, length):
             raise ValueError(f"ModalityLayout.sort: x must start with the layout's shape ({batch}, {length}), "
                              f"got {tuple(x.shape)}")
-        return x.reshape(batch * length, *x.shape[2:]).index_select(0, self.sort_index)
+        flat = x.reshape(batch * length, *x.shape[2:])
+        return permute_rows(flat, self.sort_index, self.row_of.reshape(-1), self.backend)
 
     def unsort(self, y: torch.Tensor) -> torch.Tensor:
-        """[T, ...] in sorted order -> [B, N, ...] (differentiable)."""
+        """[T, ...] in sorted order -> [B, N, ...] (differentiable; the backward is the sort gather)."""
         batch, length = self.shape
         if y.shape[0] != batch * length:
             raise ValueError(f"ModalityLayout.unsort: y must have {batch * length} rows, got {tuple(y.shape)}")
-        return y.index_select(0, self.row_of.reshape(-1)).view(batch, length, *y.shape[1:])
+        out = permute_rows(y, self.row_of.reshape(-1), self.sort_index, self.backend)
+        return out.view(batch, length, *y.shape[1:])
 
     def to(self, device: torch.device | str) -> ModalityLayout:
-        """The same layout with its index tensors on ``device``."""
+        """The same layout with its index tensors on ``device`` (unless "torch" was asked for, the implementation is
+        picked again for that device)."""
         return ModalityLayout(self.n_text, self.n_vision, self.sort_index.to(device), self.row_of.to(device),
-                              self.vision_mask.to(device))
+                              self.vision_mask.to(device), "torch" if self.backend == "torch" else "auto")

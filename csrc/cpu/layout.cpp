@@ -38,7 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_layout_cpu(const at::Ten
   return {sort_index, row_of, counts};
 }
 
-at::Tensor permute_rows_cpu(const at::Tensor& x_in, const at::Tensor& index_in) {
+at::Tensor permute_rows_cpu(const at::Tensor& x_in, const at::Tensor& index_in,
+                           const at::Tensor& /*inverse_index: used by the backward only*/) {
   TORCH_CHECK(x_in.dim() >= 1, "permute_rows: x must have a row dimension");
   TORCH_CHECK(index_in.dim() == 1 && index_in.scalar_type() == at::kLong && index_in.size(0) == x_in.size(0),
               "permute_rows: index must be int64 [T] with T = x.shape[0]");
