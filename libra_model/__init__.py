@@ -21,6 +21,10 @@ _EXPORTS = {
     "load_libra": "libra_model.checkpoint",
     "save_pretrained": "libra_model.checkpoint",
     "CheckpointError": "libra_model.checkpoint",
+    "LibraProcessor": "libra_model.processor",
+    "HybridImageTokenizer": "libra_model.image_tokenizer",
+    "TextTokenizer": "libra_model.text",
+    "build_tiny_processor_dir": "libra_model.tiny",
 }
 
 __all__ = sorted(_EXPORTS)
