@@ -50,13 +50,16 @@ class MasterAdamW:
         lr, betas, eps, weight_decay: AdamW hyper-parameters (``lr`` is overwritten by :meth:`step`'s argument).
         master_dtype: dtype of the master weights, the gradient buffers and the AdamW state (float32; float64 in
             parity tests).
+        initial_masters: name -> full-precision values to start the masters from (when the model's parameters were
+            already rounded to a lower compute dtype); default: the parameters themselves.
 
     Per step: ``backward`` of each micro-batch (the hooks fill the buffers) → :meth:`reduce` → :meth:`clip_` →
     :meth:`step` → :meth:`zero_grad`. Names are the model's parameter names, in sorted order everywhere.
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1e-4, betas: tuple[float, float] = ADAMW_BETAS,
-                 eps: float = ADAMW_EPS, weight_decay: float = 0.01, master_dtype: torch.dtype = torch.float32):
+                 eps: float = ADAMW_EPS, weight_decay: float = 0.01, master_dtype: torch.dtype = torch.float32,
+                 initial_masters: dict[str, torch.Tensor] | None = None):
         named = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
         if not named:
             raise ValueError("MasterAdamW: the model has no trainable parameter (every requires_grad is False)")
@@ -75,9 +78,17 @@ class MasterAdamW:
                 self.main_grads[name] = buffer[offset:offset + param.numel()].view(param.shape)
                 offset += param.numel()
         self.masters: dict[str, torch.Tensor] = {}
+        initial_masters = initial_masters or {}
         for name, param in named:
-            self.masters[name] = param if param.dtype == master_dtype else \
-                nn.Parameter(param.detach().to(master_dtype).clone(), requires_grad=False)
+            if param.dtype == master_dtype:
+                self.masters[name] = param
+            else:
+                start = initial_masters.get(name, param).detach()
+                if start.shape != param.shape:
+                    raise ValueError(f"MasterAdamW: initial_masters[{name!r}] has shape {tuple(start.shape)}, the "
+                                     f"parameter {tuple(param.shape)}")
+                self.masters[name] = nn.Parameter(start.to(device=param.device, dtype=master_dtype).clone(),
+                                                  requires_grad=False)
             param.register_post_accumulate_grad_hook(self._accumulate_hook(name))
         decay = [self.masters[n] for n in self.names if not no_weight_decay(n, self.params[n])]
         no_decay = [self.masters[n] for n in self.names if no_weight_decay(n, self.params[n])]

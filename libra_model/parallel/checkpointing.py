@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -75,7 +76,10 @@ def save_checkpoint(root: str, step: int, model, optimizer, parallel, train_stat
     state = _views(model, optimizer, parallel, include_frozen)
     # One opaque leaf, so DCP stores it whole (it would otherwise flatten nested dicts and lists into keys).
     state["train"] = pickle.dumps(train_state)
-    dcp.save(state, checkpoint_id=temporary)
+    with warnings.catch_warnings():
+        # In a single process DCP warns that it is not distributed, which is what we asked for.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=temporary, no_dist=not parallel.distributed)
     parallel.barrier()
     if parallel.is_main:
         meta = {"step": step, "tp": parallel.tp, "dp": parallel.dp, "include_frozen": include_frozen}
@@ -129,7 +133,9 @@ def load_checkpoint(path: str, model, optimizer, parallel, *, load_optimizer: bo
     if not load_optimizer:
         state.pop("optim")
     state["train"] = b""
-    dcp.load(state, checkpoint_id=path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=not parallel.distributed)
     if optimizer is not None:
         optimizer.sync_params_from_masters()
     return pickle.loads(state["train"])

@@ -63,7 +63,8 @@ def reduce_gradients_(partial_buffer: torch.Tensor, other_buffer: torch.Tensor, 
 
 def global_grad_norm(sharded: list[torch.Tensor], replicated: list[torch.Tensor], *, tp_group,
                      tp_rank: int) -> torch.Tensor:
-    """The L2 norm of the full model's gradient (a float32 scalar tensor, equal on every rank).
+    """The L2 norm of the full model's gradient (a scalar tensor, float32 or float64 for float64 gradients, equal
+    on every rank).
 
     Args:
         sharded: gradients of TP-sharded parameters (each rank holds a distinct slice).
@@ -74,13 +75,14 @@ def global_grad_norm(sharded: list[torch.Tensor], replicated: list[torch.Tensor]
     replicated parameter is counted tp times. Gradients are already reduced over DP (identical across DP), so there
     is no DP reduction.
     """
-    device = (sharded or replicated or [torch.zeros(())])[0].device
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    first = (sharded or replicated or [torch.zeros(())])[0]
+    dtype = torch.promote_types(first.dtype, torch.float32)  # float32, or float64 for float64 buffers
+    total = torch.zeros((), dtype=dtype, device=first.device)
     for grad in sharded:
-        total += grad.float().pow(2).sum()
+        total += grad.to(dtype).pow(2).sum()
     if tp_rank == 0:
         for grad in replicated:
-            total += grad.float().pow(2).sum()
+            total += grad.to(dtype).pow(2).sum()
     if _world(tp_group) > 1:
         dist.all_reduce(total, group=tp_group)
         COLLECTIVES[("grad_norm_all_reduce", "step")] += 1

@@ -73,8 +73,8 @@ def discrete_token_loss(h: torch.Tensor, n_text: int, w_text: torch.Tensor, w_vi
 
 def libra_loss(model, hidden: torch.Tensor, layout: ModalityLayout, labels: torch.Tensor, *,
                target_counts: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """The loss of one micro-batch from the model's sorted final hidden states [T, hidden] and unshifted labels
-    int64 [C, B, N].
+    """The loss of one micro-batch from what the model's heads read, in sorted order (``hidden`` [T, width]: the
+    final hidden states, or the model's ``head_inputs``) and unshifted labels int64 [C, B, N].
 
     ``target_counts`` None: Libra's mean loss of this batch. ``target_counts`` int [C] (the valid-target counts of
     the whole step): this micro-batch's share (1/C) Σ_c S_c / N_c of the step's global loss. Float32 scalar (float64

@@ -58,7 +58,10 @@ def forward_loss(model, batch: dict, target_counts: torch.Tensor | None) -> torc
             raise ValueError(f"forward_loss: the batch has no {key!r}")
     out = model(batch["input_ids"], batch["vision_indices"], attention_mask=batch.get("attention_mask"),
                 contiguous_signal=batch.get("contiguous_signal"), return_logits=False, layout=batch.get("layout"))
-    return libra_loss(model, out.hidden_states, out.layout, batch["labels"], target_counts=target_counts)
+    # The heads read ``head_inputs`` where the model provides them ("2d" vision prediction), else the hidden states.
+    head_inputs = getattr(out, "head_inputs", None)
+    head_inputs = out.hidden_states if head_inputs is None else head_inputs
+    return libra_loss(model, head_inputs, out.layout, batch["labels"], target_counts=target_counts)
 
 
 def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: float, max_grad_norm: float | None = 1.0,

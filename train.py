@@ -1,0 +1,39 @@
+"""Train Libra.
+
+    python train.py                                        # the embedded default: a tiny Libra on generated shapes
+    torchrun --nproc_per_node=2 train.py --tp 2            # the same with tensor parallelism over two processes
+    torchrun --nproc_per_node=8 train.py --config configs/pretrain.yaml --tp 2 --set processor=/data/libra-proc
+
+Settings come from the defaults of ``libra_model.trainer.TrainConfig``, then ``--config``, then the flags, then
+``--set key=value`` (values parsed as YAML).
+"""
+
+import argparse
+import sys
+
+from libra_model.trainer import TrainConfig, parse_set, train
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Train Libra (tensor parallel over --tp ranks, data parallel over "
+                                                 "the rest of the torchrun world).")
+    parser.add_argument("--config", help="a YAML file of TrainConfig settings (e.g. configs/pretrain.yaml)")
+    parser.add_argument("--output-dir", help="where metrics.jsonl, checkpoints/ and hf/ go")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps of the whole run")
+    parser.add_argument("--tp", type=int, help="tensor-parallel size (must divide the number of processes)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other setting")
+    args = parser.parse_args(argv)
+    overrides = parse_set(args.set)
+    for flag, key in (("output_dir", "output_dir"), ("max_steps", "max_steps"), ("tp", "tp")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    if args.resume:
+        overrides["resume"] = True
+    config = TrainConfig.from_sources(args.config, overrides)
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
