@@ -116,8 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_linear_bwd(
     d_b = weight_grad(dy_vision, low);
   }
   if (need_x || need_a) {
-    // The gradient of the rank-r activation, shared by dx and dA.
-    const auto d_low = at::mm(dy_vision, *w_vision_b);
+    // The gradient of the rank-r activation, shared by dx and dA (no GEMM for a slice without rows).
+    const auto d_low = n_vision > 0 ? at::mm(dy_vision, *w_vision_b) : at::empty({0, low.size(1)}, x.options());
     if (need_x && n_vision > 0) {
       mm_into(dx.narrow(0, n_text, n_vision), d_low, w_vision_a);
     }

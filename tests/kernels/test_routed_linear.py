@@ -1,10 +1,13 @@
+from collections import Counter
+
 import pytest
 import torch
 from backends import ROUTED_LINEAR
 
 from libra_kernels import routed_linear
+from libra_kernels.ops import routed_linear as linear_module
 from libra_kernels.ops.routed_linear import routed_linear_ref
-from libra_kernels.testing import check_against_reference
+from libra_kernels.testing import assert_close_to_ref, check_against_reference
 
 
 def linear_by_rows(x, n_text, w_text, w_vision_a, w_vision_b=None):
@@ -100,3 +103,133 @@ def test_bad_input(bad, error, match):
     args.update(bad)
     with pytest.raises(error, match=match):
         routed_linear(**args)
+
+
+# ---- the "cpp" backend specifically: no routing work inside, and no GEMM for a frozen weight
+
+CPP = pytest.mark.skipif("cpp" not in ROUTED_LINEAR, reason="C++ extension not built")
+# Ops that would mean a gather/scatter, a concatenation, a data-dependent shape, a device-to-host read or an extra
+# copy of a [T, ...] tensor.
+ROUTING_OPS = {"aten::index", "aten::index_select", "aten::index_put_", "aten::index_add_", "aten::gather",
+               "aten::scatter", "aten::scatter_add_", "aten::cat", "aten::nonzero", "aten::item",
+               "aten::_local_scalar_dense", "aten::masked_select", "aten::masked_scatter_", "aten::where",
+               "aten::copy_", "aten::_to_copy", "aten::clone"}
+
+
+def dispatched_ops(fn):
+    """Counter of every op the dispatcher ran during fn(), including the ATen calls made inside C++ kernels."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return Counter(event.name for event in prof.events())
+
+
+def leaves(rows, n_text, d_in, d_out, rank, requires=(True, True, True, True)):
+    inputs = make_inputs(rows, n_text, d_in, d_out, rank)
+    tensors = [inputs[k] for k in ("x", "w_text", "w_vision_a", "w_vision_b")]
+    return [None if t is None else t.float().requires_grad_(r) for t, r in zip(tensors, requires)]
+
+
+@CPP
+@pytest.mark.parametrize("rank", [7, None])
+@pytest.mark.parametrize("n_text", [0, 9, 31])
+def test_cpp_runs_only_gemms_on_slices(rank, n_text):
+    x, w_text, a, b = leaves(31, n_text, 12, 10, rank)
+    grad = torch.randn(31, 10)
+
+    def step():
+        routed_linear(x, n_text, w_text, a, b, backend="cpp").backward(grad)
+
+    ops = dispatched_ops(step)
+    assert not ROUTING_OPS & set(ops), sorted(ROUTING_OPS & set(ops))
+    n_vision = 31 - n_text
+    # forward: the text GEMM, A (and B); backward: dx and dW of each slice, plus dB and d_low for a low-rank expert.
+    # A slice without rows runs no GEMM.
+    forward = (n_text > 0) + (n_vision > 0) * (1 if rank is None else 2)
+    backward = 2 * (n_text > 0) + (n_vision > 0) * (2 if rank is None else 4)
+    assert ops["aten::mm"] == forward + backward, ops
+
+
+@CPP
+@pytest.mark.parametrize("rank", [5, None])
+def test_frozen_weights_cost_no_gemm(rank):
+    """Stage 1 freezes the text weight: its dW GEMM must not run (counted), and the op returns [0] for it."""
+    def backward_gemms(requires):
+        x, w_text, a, b = leaves(23, 8, 12, 10, rank, requires)
+        y = routed_linear(x, 8, w_text, a, b, backend="cpp")
+        return dispatched_ops(lambda: y.backward(torch.randn_like(y)))["aten::mm"]
+
+    trained = backward_gemms((True, True, True, True))
+    frozen_text = backward_gemms((True, False, True, True))
+    frozen_input = backward_gemms((False, False, True, True))
+    assert trained - frozen_text == 1  # dW_text
+    assert frozen_text - frozen_input == 2  # dx of the text slice and of the vision slice
+    x, w_text, a, b = leaves(23, 8, 12, 10, rank, (False,) * 4)
+    y, low = torch.ops.libra.routed_linear_fwd(x, 8, w_text, a, b)
+    grads = torch.ops.libra.routed_linear_bwd(torch.randn_like(y), x, low, 8, w_text, a, b, [True, False, True, True])
+    assert grads[1].numel() == 0 and grads[0].shape == x.shape and grads[2].shape == a.shape
+    if b is not None:
+        assert grads[3].shape == b.shape
+
+
+@CPP
+def test_cpp_matches_torch_backend_exactly_in_float64():
+    inputs = make_inputs(45, 17, 21, 19, 6)
+    cpp = routed_linear(**inputs, backend="cpp")
+    torch.testing.assert_close(cpp, routed_linear(**inputs, backend="torch"), rtol=1e-13, atol=1e-13)
+
+
+@CPP
+@pytest.mark.parametrize("rank", [3, None])
+def test_opcheck_cpp_kernels(rank):
+    x, w_text, a, b = leaves(10, 4, 8, 6, rank, (False,) * 4)
+    torch.library.opcheck(torch.ops.libra.routed_linear_fwd, (x, 4, w_text, a, b))
+    y, low = torch.ops.libra.routed_linear_fwd(x, 4, w_text, a, b)
+    torch.library.opcheck(torch.ops.libra.routed_linear_bwd,
+                          (torch.randn_like(y), x, low, 4, w_text, a, b, [True, True, False, b is not None]))
+
+
+def test_auto_picks_cpp_when_built():
+    assert linear_module.TABLE.resolve("auto", torch.device("cpu")) == ("cpp" if "cpp" in ROUTED_LINEAR else "torch")
+
+
+# ---- gpu tier: no synchronisation and CUDA-graph capture of the C++ op
+
+def cuda_leaves(rank, dtype=torch.bfloat16):
+    tensors = leaves(1031, 97, 512, 384, rank)
+    return [None if t is None else t.detach().to("cuda", dtype).requires_grad_() for t in tensors]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [96, None])
+def test_cuda_forward_backward_never_synchronises(rank):
+    x, w_text, a, b = cuda_leaves(rank)
+    grad = torch.randn(1031, 384, device="cuda", dtype=torch.bfloat16)
+    routed_linear(x, 97, w_text, a, b, backend="cpp").backward(grad)  # warm-up: first-call allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        routed_linear(x, 97, w_text, a, b, backend="cpp").backward(grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [96, None])
+def test_cuda_graph_capture(rank):
+    x, w_text, a, b = cuda_leaves(rank, torch.float32)
+    args = tuple(t for t in (x, w_text, a, b) if t is not None)
+    fn = lambda x, w_text, a, *b: routed_linear(x, 97, w_text, a, *b, backend="cpp")
+    graphed = torch.cuda.make_graphed_callables(fn, args)
+    grad = torch.randn(1031, 384, device="cuda")
+    for _ in range(2):  # replay twice: the graph must not depend on state left by the capture
+        fresh = [t.detach().clone().normal_().requires_grad_() for t in args]
+        out = graphed(*fresh)
+        out.backward(grad)
+        eager_leaves = [t.detach().requires_grad_() for t in fresh]
+        expected = fn(*eager_leaves)
+        expected.backward(grad)
+        # The same kernels on the same inputs: only the floor of the tolerance rule is allowed.
+        assert_close_to_ref(out, expected, None, torch.float32, "graphed output")
+        for i, (got, want) in enumerate(zip(fresh, eager_leaves)):
+            assert_close_to_ref(got.grad, want.grad, None, torch.float32, f"graphed grad {i}")
