@@ -1,10 +1,13 @@
+from collections import Counter
+
 import pytest
 import torch
 from backends import RMS_NORM
 
 from libra_kernels import routed_rms_norm
+from libra_kernels.ops import rms_norm as norm_module
 from libra_kernels.ops.rms_norm import routed_rms_norm_ref
-from libra_kernels.testing import check_against_reference
+from libra_kernels.testing import assert_close_to_ref, check_against_reference
 
 
 def rms_norm_by_rows(x, n_text, w_text, w_vision, eps):
@@ -21,10 +24,13 @@ def make_inputs(rows, width, n_text):
                 w_text=torch.randn(width, dtype=torch.float64), w_vision=torch.randn(width, dtype=torch.float64))
 
 
+SHAPES = [(59, 97, 20), (13, 64, 0), (13, 64, 13), (1, 123, 1), (0, 32, 0), (300, 33, 123), (200, 40, 64),
+          (130, 24, 129)]
+
+
 @pytest.mark.parametrize("backend", RMS_NORM)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("rows,width,n_text", [(59, 97, 20), (13, 64, 0), (13, 64, 13), (1, 123, 1), (0, 32, 0),
-                                               (300, 33, 123)])
+@pytest.mark.parametrize("rows,width,n_text", SHAPES)
 def test_matches_reference(backend, dtype, rows, width, n_text):
     inputs = make_inputs(rows, width, n_text)
     op = lambda **kw: routed_rms_norm(**kw, eps=1e-6, backend=backend)
@@ -85,6 +91,8 @@ def test_compiles_fullgraph():
     (dict(w_text=torch.randn(7)), ValueError, "w_text must have shape"),
     (dict(w_vision=torch.randn(8, dtype=torch.float64)), TypeError, "w_vision must have the dtype of x"),
     (dict(eps=0.0), ValueError, "eps must be a positive"),
+    (dict(residual=torch.randn(4, 7)), ValueError, "residual must have shape"),
+    (dict(residual=torch.randn(4, 8, dtype=torch.float64)), TypeError, "residual must have the dtype of x"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(backend="triton"), ValueError, "has no 'triton' backend"),
 ])
@@ -94,3 +102,175 @@ def test_bad_input(bad, error, match):
     backend = args.pop("backend", "auto")
     with pytest.raises(error, match=match):
         routed_rms_norm(**args, backend=backend)
+
+
+# ---- the fused residual add: h = x + residual, y = norm(h), both returned
+
+def stacked(fn):
+    """One tensor [2, T, D] of (y, h) so the tolerance rule judges both outputs and both feed the gradients."""
+    return lambda **kw: torch.stack(fn(**kw))
+
+
+@pytest.mark.parametrize("backend", RMS_NORM)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("rows,width,n_text", SHAPES)
+def test_residual_add_matches_reference(backend, dtype, rows, width, n_text):
+    inputs = dict(make_inputs(rows, width, n_text), residual=torch.randn(rows, width, dtype=torch.float64) * 2)
+    op = stacked(lambda **kw: routed_rms_norm(**kw, eps=1e-6, backend=backend))
+    check_against_reference(op, stacked(lambda **kw: routed_rms_norm_ref(**kw, eps=1e-6)), inputs, dtype,
+                            grad_inputs=("x", "residual", "w_text", "w_vision"))
+
+
+@pytest.mark.parametrize("backend", RMS_NORM)
+def test_residual_add_sum_is_the_eager_add(backend):
+    x, residual = torch.randn(37, 29, dtype=torch.bfloat16), torch.randn(37, 29, dtype=torch.bfloat16)
+    w = torch.randn(29, dtype=torch.bfloat16)
+    y, h = routed_rms_norm(x, 5, w, w, 1e-6, residual, backend=backend)
+    assert torch.equal(h, x + residual)  # rounded exactly like the eager add it replaces
+    assert_close_to_ref(y, routed_rms_norm_ref(h.double(), 5, w.double(), w.double()),
+                        routed_rms_norm_ref(h, 5, w, w), torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", RMS_NORM)
+def test_residual_add_gradcheck_float64(backend):
+    x, _, wt, wv = make_inputs(9, 11, 4).values()
+    residual = torch.randn(9, 11, dtype=torch.float64)
+    args = tuple(t.requires_grad_() for t in (x, residual, wt, wv))
+    fn = lambda x, r, wt, wv: routed_rms_norm(x, 4, wt, wv, 1e-6, r, backend=backend)
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("backend", RMS_NORM)
+def test_residual_add_with_only_one_output_used(backend):
+    x, residual = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    w_text, w_vision = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    _, h = routed_rms_norm(x, 3, w_text, w_vision, 1e-6, residual, backend=backend)
+    h.sum().backward()  # only the new residual stream reaches the loss
+    assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(residual.grad, torch.ones_like(x))
+    assert w_text.grad is None or not w_text.grad.any()
+
+
+@pytest.mark.parametrize("backend", RMS_NORM)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_residual_add(backend, requires_grad):
+    x, residual = torch.randn(10, 24, requires_grad=requires_grad), torch.randn(10, 24, requires_grad=requires_grad)
+    w_text, w_vision = torch.randn(24, requires_grad=requires_grad), torch.randn(24, requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.libra.routed_add_rms_norm, (x, residual, 3, w_text, w_vision, 1e-6, backend))
+
+
+# ---- the "cpp" kernels specifically
+
+CPP = pytest.mark.skipif("cpp" not in RMS_NORM, reason="C++ extension not built")
+ROUTING_OPS = {"aten::index", "aten::index_select", "aten::index_put_", "aten::index_add_", "aten::gather",
+               "aten::scatter", "aten::scatter_add_", "aten::cat", "aten::nonzero", "aten::item",
+               "aten::_local_scalar_dense", "aten::masked_select", "aten::where", "aten::copy_", "aten::clone"}
+
+
+@CPP
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_cpp_kernel_does_no_routing_work(with_residual):
+    """Both groups in one kernel call: no gather, concatenation, host read or copy of [T, D] tensors."""
+    x = torch.randn(150, 40, requires_grad=True)
+    residual = torch.randn(150, 40, requires_grad=True) if with_residual else None
+    w_text, w_vision = torch.randn(40, requires_grad=True), torch.randn(40, requires_grad=True)
+
+    def step():
+        out = routed_rms_norm(x, 70, w_text, w_vision, 1e-6, residual, backend="cpp")
+        out = torch.stack(out) if with_residual else out
+        out.backward(torch.randn_like(out))  # a dense gradient, as in a model (a .sum() would give a broadcast one)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    names = Counter(event.name for event in prof.events())
+    kernel_ops = {"libra::routed_add_rms_norm_fwd" if with_residual else "libra::routed_rms_norm_fwd",
+                  "libra::routed_rms_norm_bwd"}
+    assert all(names[op] == 1 for op in kernel_ops), names
+    inside, stack = set(), [e for e in prof.events() if e.name in kernel_ops]
+    while stack:  # every op the kernels dispatched, at any depth
+        event = stack.pop()
+        inside.add(event.name)
+        stack.extend(event.cpu_children)
+    assert not ROUTING_OPS & inside, sorted(ROUTING_OPS & inside)
+
+
+@CPP
+def test_cpp_backward_skips_unwanted_weight_grads():
+    x, w_text, w_vision = torch.randn(40, 24), torch.randn(24), torch.randn(24)
+    y, rstd = torch.ops.libra.routed_rms_norm_fwd(x, 13, w_text, w_vision, 1e-6)
+    dx, dw_text, dw_vision = torch.ops.libra.routed_rms_norm_bwd(torch.randn_like(y), x, rstd, 13, w_text, w_vision,
+                                                                  False, True)
+    assert dx.shape == x.shape and dw_text.numel() == 0 and dw_vision.shape == (24,)
+
+
+@CPP
+def test_opcheck_cpp_residual_kernels():
+    x, residual, w_text, w_vision = torch.randn(10, 24), torch.randn(10, 24), torch.randn(24), torch.randn(24)
+    torch.library.opcheck(torch.ops.libra.routed_add_rms_norm_fwd, (x, residual, 3, w_text, w_vision, 1e-6))
+    y, h, rstd = torch.ops.libra.routed_add_rms_norm_fwd(x, residual, 3, w_text, w_vision, 1e-6)
+    torch.library.opcheck(torch.ops.libra.routed_rms_norm_bwd,
+                          (torch.randn_like(y), h, rstd, 3, w_text, w_vision, True, True, torch.randn_like(y)))
+
+
+def test_auto_picks_cpp_when_built():
+    assert norm_module.TABLE.resolve("auto", torch.device("cpu")) == ("cpp" if "cpp" in RMS_NORM else "torch")
+
+
+# ---- gpu tier: the CUDA kernel (one launch for both groups)
+
+def cuda_inputs(rows, width, n_text, residual=False):
+    inputs = make_inputs(rows, width, n_text)
+    if residual:
+        inputs["residual"] = torch.randn(rows, width, dtype=torch.float64)
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,width,n_text", [(5120, 4096, 512), (1029, 4095, 311), (77, 97, 0), (77, 96, 77),
+                                               (0, 64, 0), (3000, 8, 1500)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cuda_kernel_matches_reference(dtype, rows, width, n_text, residual):
+    inputs = cuda_inputs(rows, width, n_text, residual)
+    grads = ("x", "w_text", "w_vision") + (("residual",) if residual else ())
+    op = lambda **kw: routed_rms_norm(**kw, eps=1e-6, backend="cpp")
+    ref = lambda **kw: routed_rms_norm_ref(**kw, eps=1e-6)
+    if residual:
+        op, ref = stacked(op), stacked(ref)
+    check_against_reference(op, ref, inputs, dtype, grad_inputs=grads)
+
+
+@pytest.mark.gpu
+def test_cuda_never_synchronises():
+    inputs = cuda_inputs(1029, 4096, 311, residual=True)
+    x, residual, w_text, w_vision = (inputs[k].bfloat16().requires_grad_() for k in ("x", "residual", "w_text",
+                                                                                    "w_vision"))
+    fused = lambda: torch.stack(routed_rms_norm(x, 311, w_text, w_vision, 1e-6, residual, backend="cpp"))
+    step = lambda: fused().sum().backward()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        routed_rms_norm(x, 311, w_text, w_vision, backend="cpp").sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    inputs = cuda_inputs(1029, 4096, 311, residual=True)
+    args = tuple(inputs[k].float().requires_grad_() for k in ("x", "residual", "w_text", "w_vision"))
+    fn = lambda x, r, wt, wv: torch.stack(routed_rms_norm(x, 311, wt, wv, 1e-6, r, backend="cpp"))
+    graphed = torch.cuda.make_graphed_callables(fn, args)
+    grad = torch.randn(2, 1029, 4096, device="cuda")
+    for _ in range(2):
+        fresh = [t.detach().clone().normal_().requires_grad_() for t in args]
+        out = graphed(*fresh)
+        out.backward(grad)
+        eager_leaves = [t.detach().requires_grad_() for t in fresh]
+        expected = fn(*eager_leaves)
+        expected.backward(grad)
+        assert_close_to_ref(out, expected, None, torch.float32, "graphed output")
+        for i, (got, want) in enumerate(zip(fresh, eager_leaves)):
+            assert_close_to_ref(got.grad, want.grad, None, torch.float32, f"graphed grad {i}")
