@@ -142,14 +142,15 @@ def _triton_unavailable(device: torch.device) -> str:
 
 
 def _forward_triton(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask):
-    # Head dims the fused kernels do not take (above 128) use the torch kernel: same outputs, same lse.
-    impl = _triton.bridge_attention_forward if _triton.supports_head_dim(q.shape[-1]) else _forward_torch
+    # Inputs the fused kernels do not take (head dims above 128, float64 on a GPU) use the torch kernel: same
+    # outputs, same lse, so either backward applies.
+    impl = _triton.bridge_attention_forward if _triton.supports(q) else _forward_torch
     return impl(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask)
 
 
 def _backward_triton(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse, causal,
                      softmax_scale, needs):
-    impl = _triton.bridge_attention_backward if _triton.supports_head_dim(q.shape[-1]) else _backward_torch
+    impl = _triton.bridge_attention_backward if _triton.supports(q) else _backward_torch
     return impl(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse, causal,
                 softmax_scale, needs)
 

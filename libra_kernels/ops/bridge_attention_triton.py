@@ -5,24 +5,24 @@ over the key tiles, log-sum-exp saved. Backward: a dq kernel (one program per qu
 delta_i = <dO_i, O_i>) then a dk/dv kernel (one program per key block of a key/value head, looping over the query
 heads that share it), both recomputing the probabilities from the saved log-sum-exp.
 
-Each (query block, key tile) pair takes one of three paths:
-
-* plain: queries and keys all of one modality, so no pair is cross-modal: exactly FlashAttention's work;
-* one query modality: key j needs its bridge iff its modality differs from the queries', so the tile attends to
-  bridged keys k_j + [m_j != m] kb_j (and values alike): still one matrix product per step, plus the loads of the
-  bridge terms and an elementwise add;
-* mixed queries: the cross-modal pairs form a general [BLOCK_M, BLOCK_N] pattern, so the bridge terms take a second
-  matrix product per step (q kb^T and (p * c) vb), masked by the pair indicator.
+A (query block, key tile) pair with queries and keys all of one modality has no cross-modal pair and does exactly
+FlashAttention's work. Any other tile adds the bridge terms with a second product per step, masked by the pair
+indicator c_ij: s += c * (q kb^T) and o += (c * p) vb (in the backward likewise for dP, dq, dk_bridge, dv_bridge).
+The bridge work sits in branches beside the plain products, never instead of them, so the loads of k, v (q, dO in
+the backward) stay software-pipelined. (Attending to bridged keys k + [m_j != m] kb with one product, for tiles
+with one query modality, needs the key tile in registers: compiled for sm_90a that spilled and lost the pipelining.)
 
 How a tile's modality mix is known without a host sync: the launcher computes, on the device, a per-row running
 count of vision tokens ``counts[b, j] = #vision among positions < j`` ([B, Nk + 1] int32, one cumsum). In the kernel
 the number of vision tokens in positions [s, e) is counts[e] - counts[s]: two scalar loads, no reduction across the
-program. Zero means all text, e - s all vision, anything else mixed. The per-token flags are loaded only on the two
-bridged paths.
+program. Zero means all text, e - s all vision, anything else mixed. Per-token flags are loaded on bridged tiles only.
 
 Causal tiles entirely above the diagonal are never visited (the loops stop at the last key a query block can see);
-tiles entirely below it skip the causal mask. The backward is deterministic: no atomics; the gradients of a shared
-key/value head (grouped-query attention) are summed in registers by the one program that owns its key block.
+tiles entirely below it skip the causal mask. The dk/dv kernel sweeps its query blocks twice, (dk, dv) over every
+tile, then (dk_bridge, dv_bridge) over the bridged tiles only, recomputing their probabilities: four [BLOCK_N, D]
+float32 accumulators at once do not fit the register file. The backward is deterministic: no atomics; the
+gradients of a shared key/value head (grouped-query attention) are summed in registers by the one program that owns
+its key block.
 """
 
 import os
@@ -47,12 +47,12 @@ def _configs(blocks: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
 
 
-# Candidates for sm_80/sm_90 (not yet measured on a GPU): autotuning picks one per (key length bucket, head dim,
-# causal, padding, dtype). Few on purpose: each is a compilation of each kernel. The dk/dv kernel holds four
-# [BLOCK_N, D] float32 accumulators, hence its smaller key blocks.
-FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)])
-DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3)])
-DKDV_CONFIGS = _configs([(64, 64, 8, 3), (64, 32, 4, 3)])
+# Candidates, chosen from ahead-of-time compilations for sm_90a and sm_80 (ptxas register and spill reports; not yet
+# timed on a GPU). Autotuning picks one per (key length bucket, head dim, causal, padding, dtype); configurations
+# that exceed a GPU's shared memory are skipped by the autotuner. Few on purpose: each is a compilation.
+FWD_CONFIGS = _configs([(64, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 32, 4, 4)])
+DQ_CONFIGS = _configs([(64, 64, 8, 3), (128, 32, 8, 3), (32, 64, 4, 2)])
+DKDV_CONFIGS = _configs([(16, 64, 8, 3), (32, 64, 8, 3), (16, 64, 4, 2)])
 TUNE_KEY = ["n_bucket", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
 
 
@@ -134,33 +134,20 @@ def _fwd_tiles(acc, m_i, l_i, q, q_pos, q_kind, vis_q, k_base, v_base, kb_base, 
         k_pos = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
         v = _load_rows(v_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-        k_kind = _span_kind(count_row, start_n, tl.minimum(start_n + BLOCK_N, n_keys))
-        if (q_kind != 2) & (k_kind == q_kind):
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, scale_log2, MASKED,
-                                               CAUSAL, HAS_PAD)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
-        elif q_kind != 2:
-            vis_k = tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)
-            bridged = (vis_k != q_kind)[:, None]
+        # A tile with queries and keys all of one modality has no cross-modal pair: plain attention only. The
+        # bridge work sits in branches beside the plain products, so the k/v loads stay software-pipelined.
+        bridged = (q_kind == 2) | (_span_kind(count_row, start_n, tl.minimum(start_n + BLOCK_N, n_keys)) != q_kind)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+        if bridged:
+            cross = vis_q[:, None] != tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)[None, :]
             kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-            vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-            k = tl.where(bridged, k + kb, k)
-            v = tl.where(bridged, v + vb, v)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, scale_log2, MASKED,
-                                               CAUSAL, HAS_PAD)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
-        else:
-            vis_k = tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)
-            cross = vis_q[:, None] != vis_k[None, :]
-            kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-            vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
             s += tl.where(cross, tl.dot(q, tl.trans(kb), input_precision=PRECISION, out_dtype=ACC), 0.0)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, scale_log2, MASKED,
-                                               CAUSAL, HAS_PAD)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, scale_log2, MASKED, CAUSAL,
+                                           HAS_PAD)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        if bridged:  # (the pair mask is recomputed: a value made inside a branch does not outlive it)
+            cross = vis_q[:, None] != tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)[None, :]
+            vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
             acc = tl.dot(tl.where(cross, p, 0.0).to(vb.dtype), vb, acc, input_precision=PRECISION, out_dtype=ACC)
     return acc, m_i, l_i
 
@@ -179,8 +166,8 @@ def _causal_bounds(start_m, offset, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _bridge_fwd_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, LSE, n_queries, n_keys, heads, kv_heads,
-                       scale_log2: tl.float64, n_bucket, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _bridge_fwd_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, LSE, n_queries, n_keys, scale_log2: tl.float64, n_bucket,
+                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # The scale arrives in float64 so that float64 inputs keep full precision; the math runs in ACC.
@@ -189,14 +176,14 @@ def _bridge_fwd_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, LSE, n_queries, n
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    kvh = h // (heads // kv_heads)
+    kvh = h // (HEADS // KV_HEADS)
     offset = n_keys - n_queries  # query i sits at key position i + offset
-    q_row = heads * HEAD_DIM
-    kv_row = kv_heads * HEAD_DIM
+    q_row = HEADS * HEAD_DIM
+    kv_row = KV_HEADS * HEAD_DIM
     q_offs = _tile_offsets(q_row, BLOCK_M, BLOCK_D)
     kv_offs = _tile_offsets(kv_row, BLOCK_N, BLOCK_D)
-    q_head = (b * n_queries * heads + h) * HEAD_DIM
-    kv_head = (b * n_keys * kv_heads + kvh) * HEAD_DIM
+    q_head = (b * n_queries * HEADS + h) * HEAD_DIM
+    kv_head = (b * n_keys * KV_HEADS + kvh) * HEAD_DIM
     vis_row = VIS + b * n_keys
     pad_row = PAD + b * n_keys
     count_row = COUNTS + b * (n_keys + 1)
@@ -224,7 +211,7 @@ def _bridge_fwd_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, LSE, n_queries, n
     _store_rows(OUT + q_head, q_offs, start_m, n_queries, q_row, acc / l_safe[:, None], BLOCK_M, HEAD_DIM, BLOCK_D)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
     rows = start_m + tl.arange(0, BLOCK_M)
-    tl.store(LSE + (b * heads + h) * n_queries + rows, lse.to(LSE.dtype.element_ty), mask=rows < n_queries)
+    tl.store(LSE + (b * HEADS + h) * n_queries + rows, lse.to(LSE.dtype.element_ty), mask=rows < n_queries)
 
 
 @triton.jit
@@ -238,62 +225,50 @@ def _dq_tiles(dq, q, do, lse2, delta, q_pos, q_kind, vis_q, k_base, v_base, kb_b
         k_pos = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
         v = _load_rows(v_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-        k_kind = _span_kind(count_row, start_n, tl.minimum(start_n + BLOCK_N, n_keys))
-        if q_kind != 2:
-            if k_kind != q_kind:  # one query modality: attend to the bridged keys/values
-                vis_k = tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)
-                bridged = (vis_k != q_kind)[:, None]
-                kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-                vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-                k = tl.where(bridged, k + kb, k)
-                v = tl.where(bridged, v + vb, v)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale_log2
-            s = _mask_scores(s, q_pos, k_pos, n_keys, pad_row, MASKED, CAUSAL, HAS_PAD)
-            p = tl.exp2(s - lse2[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
-        else:
-            vis_k = tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)
-            cross = vis_q[:, None] != vis_k[None, :]
+        bridged = (q_kind == 2) | (_span_kind(count_row, start_n, tl.minimum(start_n + BLOCK_N, n_keys)) != q_kind)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+        if bridged:
+            cross = vis_q[:, None] != tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)[None, :]
             kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
             vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
             s += tl.where(cross, tl.dot(q, tl.trans(kb), input_precision=PRECISION, out_dtype=ACC), 0.0)
-            s = _mask_scores(s * scale_log2, q_pos, k_pos, n_keys, pad_row, MASKED, CAUSAL, HAS_PAD)
-            p = tl.exp2(s - lse2[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
             dp += tl.where(cross, tl.dot(do, tl.trans(vb), input_precision=PRECISION, out_dtype=ACC), 0.0)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
+        s = _mask_scores(s * scale_log2, q_pos, k_pos, n_keys, pad_row, MASKED, CAUSAL, HAS_PAD)
+        p = tl.exp2(s - lse2[:, None])
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
+        if bridged:
+            cross = vis_q[:, None] != tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)[None, :]
+            kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
             dq = tl.dot(tl.where(cross, ds, 0.0).to(kb.dtype), kb, dq, input_precision=PRECISION, out_dtype=ACC)
     return dq
 
 
 @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _bridge_dq_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, DO, LSE, DELTA, DQ, n_queries, n_keys, heads, kv_heads,
-                      scale: tl.float64, scale_log2: tl.float64, n_bucket, HEAD_DIM: tl.constexpr,
-                      BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
-                      ACC: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+def _bridge_dq_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, DO, LSE, DELTA, DQ, n_queries, n_keys, scale: tl.float64,
+                      scale_log2: tl.float64, n_bucket, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                      UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     scale = tl.full([], scale, ACC)
     scale_log2 = tl.full([], scale_log2, ACC)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    kvh = h // (heads // kv_heads)
+    kvh = h // (HEADS // KV_HEADS)
     offset = n_keys - n_queries
-    q_row = heads * HEAD_DIM
-    kv_row = kv_heads * HEAD_DIM
+    q_row = HEADS * HEAD_DIM
+    kv_row = KV_HEADS * HEAD_DIM
     q_offs = _tile_offsets(q_row, BLOCK_M, BLOCK_D)
     kv_offs = _tile_offsets(kv_row, BLOCK_N, BLOCK_D)
-    q_head = (b * n_queries * heads + h) * HEAD_DIM
-    kv_head = (b * n_keys * kv_heads + kvh) * HEAD_DIM
+    q_head = (b * n_queries * HEADS + h) * HEAD_DIM
+    kv_head = (b * n_keys * KV_HEADS + kvh) * HEAD_DIM
     vis_row = VIS + b * n_keys
     pad_row = PAD + b * n_keys
     count_row = COUNTS + b * (n_keys + 1)
-    stat_row = (b * heads + h) * n_queries
+    stat_row = (b * HEADS + h) * n_queries
 
     start_m = pid_m * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -322,96 +297,90 @@ def _bridge_dq_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, DO, LSE, DELTA, DQ
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, dkb, dvb, k, v, k_pos, k_kind, vis_k, key_bias, kb_base, vb_base, kv_row, kv_offs, start_n,
+def _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, key_bias, scale_log2, MASKED: tl.constexpr, HAS_PAD: tl.constexpr):
+    """(p^T, ds^T) [BLOCK_N, BLOCK_M] from the raw transposed scores and dP^T of a tile (ds without the scale)."""
+    st *= scale_log2
+    if MASKED:
+        st = tl.where(k_pos[:, None] <= q_pos[None, :], st, float("-inf"))
+    if HAS_PAD:
+        st += key_bias[:, None]
+    pt = tl.exp2(st - lse2[None, :])
+    return pt, pt * (dpt - delta[None, :])
+
+
+@triton.jit
+def _dkdv_tiles(grad_k, grad_v, k, v, k_pos, k_kind, vis_k, key_bias, kb_base, vb_base, kv_row, kv_offs, start_n,
                 q_base, do_base, q_row, q_offs, lse_row, delta_row, vis_row, count_row, n_queries, n_keys, offset,
                 scale_log2, lo, hi,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
-                ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate one query head's blocks [lo, hi) into the key block's (dk, dv, dkb, dvb); scores transposed."""
+                ACC: tl.constexpr, PRECISION: tl.constexpr, BRIDGE_GRADS: tl.constexpr):
+    """Accumulate one query head's blocks [lo, hi) into the key block's (dk, dv), or with BRIDGE_GRADS into its
+    (dk_bridge, dv_bridge), which only tiles with a cross-modal pair touch. Scores are transposed: [BLOCK_N, BLOCK_M].
+    """
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
-        do = _load_rows(do_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
-        lse = tl.load(lse_row + rows, mask=rows < n_queries, other=float("-inf")).to(ACC)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-        delta = tl.load(delta_row + rows, mask=rows < n_queries, other=0.0)
         q_pos = offset + rows
         q_kind = _span_kind(count_row, offset + start_m, tl.minimum(offset + start_m + BLOCK_M, n_keys))
-        if q_kind != 2:
-            if k_kind == q_kind:
-                st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * scale_log2
-                if MASKED:
-                    st = tl.where(k_pos[:, None] <= q_pos[None, :], st, float("-inf"))
-                if HAS_PAD:
-                    st += key_bias[:, None]
-                pt = tl.exp2(st - lse2[None, :])
-                dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
-                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-                dst = pt * (dpt - delta[None, :])
-                dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=ACC)
-            else:  # one query modality: key j is bridged iff its modality differs; its bridge grads are its grads
-                bridged = (vis_k != q_kind)[:, None]
+        bridged = (q_kind == 2) | (k_kind != q_kind)
+        if BRIDGE_GRADS:
+            if bridged:
+                q = _load_rows(q_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
+                do = _load_rows(do_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
+                lse = tl.load(lse_row + rows, mask=rows < n_queries, other=float("-inf")).to(ACC)
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+                delta = tl.load(delta_row + rows, mask=rows < n_queries, other=0.0)
+                cross = vis_k[:, None] != tl.load(vis_row + q_pos, mask=rows < n_queries, other=0)[None, :]
                 kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
                 vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-                k2 = tl.where(bridged, k + kb, k)
-                v2 = tl.where(bridged, v + vb, v)
-                st = tl.dot(k2, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * scale_log2
-                if MASKED:
-                    st = tl.where(k_pos[:, None] <= q_pos[None, :], st, float("-inf"))
-                if HAS_PAD:
-                    st += key_bias[:, None]
-                pt = tl.exp2(st - lse2[None, :])
-                grad_v = tl.dot(pt.to(do.dtype), do, input_precision=PRECISION, out_dtype=ACC)
-                dv += grad_v
-                dvb += tl.where(bridged, grad_v, 0.0)
-                dpt = tl.dot(v2, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-                dst = pt * (dpt - delta[None, :])
-                grad_k = tl.dot(dst.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
-                dk += grad_k
-                dkb += tl.where(bridged, grad_k, 0.0)
+                st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
+                st += tl.where(cross, tl.dot(kb, tl.trans(q), input_precision=PRECISION, out_dtype=ACC), 0.0)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
+                dpt += tl.where(cross, tl.dot(vb, tl.trans(do), input_precision=PRECISION, out_dtype=ACC), 0.0)
+                pt, dst = _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, key_bias, scale_log2, MASKED, HAS_PAD)
+                grad_v = tl.dot(tl.where(cross, pt, 0.0).to(do.dtype), do, grad_v, input_precision=PRECISION,
+                                out_dtype=ACC)
+                grad_k = tl.dot(tl.where(cross, dst, 0.0).to(q.dtype), q, grad_k, input_precision=PRECISION,
+                                out_dtype=ACC)
         else:
-            vis_q = tl.load(vis_row + q_pos, mask=rows < n_queries, other=0)
-            cross = vis_k[:, None] != vis_q[None, :]
-            kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-            vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            q = _load_rows(q_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
+            do = _load_rows(do_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
+            lse = tl.load(lse_row + rows, mask=rows < n_queries, other=float("-inf")).to(ACC)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+            delta = tl.load(delta_row + rows, mask=rows < n_queries, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
-            st += tl.where(cross, tl.dot(kb, tl.trans(q), input_precision=PRECISION, out_dtype=ACC), 0.0)
-            st *= scale_log2
-            if MASKED:
-                st = tl.where(k_pos[:, None] <= q_pos[None, :], st, float("-inf"))
-            if HAS_PAD:
-                st += key_bias[:, None]
-            pt = tl.exp2(st - lse2[None, :])
-            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
-            dvb = tl.dot(tl.where(cross, pt, 0.0).to(do.dtype), do, dvb, input_precision=PRECISION, out_dtype=ACC)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-            dpt += tl.where(cross, tl.dot(vb, tl.trans(do), input_precision=PRECISION, out_dtype=ACC), 0.0)
-            dst = pt * (dpt - delta[None, :])
-            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=ACC)
-            dkb = tl.dot(tl.where(cross, dst, 0.0).to(q.dtype), q, dkb, input_precision=PRECISION, out_dtype=ACC)
-    return dk, dv, dkb, dvb
+            if bridged:  # the bridge changes the probabilities and dP of the cross-modal pairs
+                cross = vis_k[:, None] != tl.load(vis_row + q_pos, mask=rows < n_queries, other=0)[None, :]
+                kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+                vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+                st += tl.where(cross, tl.dot(kb, tl.trans(q), input_precision=PRECISION, out_dtype=ACC), 0.0)
+                dpt += tl.where(cross, tl.dot(vb, tl.trans(do), input_precision=PRECISION, out_dtype=ACC), 0.0)
+            pt, dst = _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, key_bias, scale_log2, MASKED, HAS_PAD)
+            grad_v = tl.dot(pt.to(do.dtype), do, grad_v, input_precision=PRECISION, out_dtype=ACC)
+            grad_k = tl.dot(dst.to(q.dtype), q, grad_k, input_precision=PRECISION, out_dtype=ACC)
+    return grad_k, grad_v
 
 
 @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, DV, DKB, DVB, n_queries, n_keys,
-                        heads, kv_heads, scale: tl.float64, scale_log2: tl.float64, n_bucket,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-                        UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        scale: tl.float64, scale_log2: tl.float64, n_bucket, HEADS: tl.constexpr,
+                        KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                        HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     scale = tl.full([], scale, ACC)
     scale_log2 = tl.full([], scale_log2, ACC)
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    group = heads // kv_heads
+    group = HEADS // KV_HEADS
     offset = n_keys - n_queries
-    q_row = heads * HEAD_DIM
-    kv_row = kv_heads * HEAD_DIM
+    q_row = HEADS * HEAD_DIM
+    kv_row = KV_HEADS * HEAD_DIM
     q_offs = _tile_offsets(q_row, BLOCK_M, BLOCK_D)
     kv_offs = _tile_offsets(kv_row, BLOCK_N, BLOCK_D)
-    kv_head = (b * n_keys * kv_heads + kvh) * HEAD_DIM
+    kv_head = (b * n_keys * KV_HEADS + kvh) * HEAD_DIM
     vis_row = VIS + b * n_keys
     count_row = COUNTS + b * (n_keys + 1)
 
@@ -426,47 +395,55 @@ def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, D
         real = tl.load(PAD + b * n_keys + k_pos, mask=k_pos < n_keys, other=0)
         key_bias = tl.where(real != 0, 0.0, float("-inf")).to(ACC)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    dkb = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    dvb = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     if CAUSAL:
         # Query i (key position i + offset) sees this block iff i + offset >= start_n; it sees all of it iff
         # i + offset >= start_n + BLOCK_N - 1. Blocks between need the causal mask; blocks before are skipped.
         first_m = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
-        full_m = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
+        full_m = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M, n_queries)
     else:
         first_m = 0
         full_m = 0
-    for g in range(group):
-        h = kvh * group + g
-        q_head = (b * n_queries * heads + h) * HEAD_DIM
-        stat_row = (b * heads + h) * n_queries
-        dk, dv, dkb, dvb = _dkdv_tiles(dk, dv, dkb, dvb, k, v, k_pos, k_kind, vis_k, key_bias, KB + kv_head,
-                                       VB + kv_head, kv_row, kv_offs, start_n, Q + q_head, DO + q_head, q_row, q_offs,
-                                       LSE + stat_row, DELTA + stat_row, vis_row, count_row, n_queries, n_keys,
-                                       offset, scale_log2, first_m, tl.minimum(full_m, n_queries), HEAD_DIM,
-                                       BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
-        dk, dv, dkb, dvb = _dkdv_tiles(dk, dv, dkb, dvb, k, v, k_pos, k_kind, vis_k, key_bias, KB + kv_head,
-                                       VB + kv_head, kv_row, kv_offs, start_n, Q + q_head, DO + q_head, q_row, q_offs,
-                                       LSE + stat_row, DELTA + stat_row, vis_row, count_row, n_queries, n_keys,
-                                       offset, scale_log2, full_m, n_queries, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                                       False, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
-    _store_rows(DK + kv_head, kv_offs, start_n, n_keys, kv_row, dk * scale, BLOCK_N, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + kv_head, kv_offs, start_n, n_keys, kv_row, dv, BLOCK_N, HEAD_DIM, BLOCK_D)
-    _store_rows(DKB + kv_head, kv_offs, start_n, n_keys, kv_row, dkb * scale, BLOCK_N, HEAD_DIM, BLOCK_D)
-    _store_rows(DVB + kv_head, kv_offs, start_n, n_keys, kv_row, dvb, BLOCK_N, HEAD_DIM, BLOCK_D)
+    # Two sweeps over the query blocks, each with two [BLOCK_N, D] accumulators: (dk, dv) over every tile, then
+    # (dk_bridge, dv_bridge) over the tiles with a cross-modal pair only. One sweep with four accumulators would
+    # recompute nothing, but it does not fit the register file (ptxas spills kilobytes).
+    for bridge_grads in tl.static_range(2):
+        grad_k = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        grad_v = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        for g in range(group):
+            h = kvh * group + g
+            q_head = (b * n_queries * HEADS + h) * HEAD_DIM
+            stat_row = (b * HEADS + h) * n_queries
+            grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, k_kind, vis_k, key_bias, KB + kv_head,
+                                         VB + kv_head, kv_row, kv_offs, start_n, Q + q_head, DO + q_head, q_row,
+                                         q_offs, LSE + stat_row, DELTA + stat_row, vis_row, count_row, n_queries,
+                                         n_keys, offset, scale_log2, first_m, full_m, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                         BLOCK_N, True, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION, bridge_grads == 1)
+            grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, k_kind, vis_k, key_bias, KB + kv_head,
+                                         VB + kv_head, kv_row, kv_offs, start_n, Q + q_head, DO + q_head, q_row,
+                                         q_offs, LSE + stat_row, DELTA + stat_row, vis_row, count_row, n_queries,
+                                         n_keys, offset, scale_log2, full_m, n_queries, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                         BLOCK_N, False, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION, bridge_grads == 1)
+        if bridge_grads == 1:
+            _store_rows(DKB + kv_head, kv_offs, start_n, n_keys, kv_row, grad_k * scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+            _store_rows(DVB + kv_head, kv_offs, start_n, n_keys, kv_row, grad_v, BLOCK_N, HEAD_DIM, BLOCK_D)
+        else:
+            _store_rows(DK + kv_head, kv_offs, start_n, n_keys, kv_row, grad_k * scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+            _store_rows(DV + kv_head, kv_offs, start_n, n_keys, kv_row, grad_v, BLOCK_N, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 
 
-def _meta(q: torch.Tensor, n_keys: int, causal: bool, has_pad: bool) -> dict:
-    """Compile-time arguments shared by the three kernels."""
+def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, has_pad: bool) -> dict:
+    """Compile-time arguments shared by the three kernels. The head counts are among them: compile-time row strides
+    let the compiler derive the tiles' addresses (with runtime strides the sm_90 forward needs ~50% more registers
+    and spills)."""
+    n_keys = k.shape[1]
     upcast = INTERPRETED and q.dtype in (torch.float16, torch.bfloat16)
     wide = q.dtype == torch.float64
-    return dict(n_bucket=triton.next_power_of_2(max(n_keys, 1)), HEAD_DIM=q.shape[-1],
+    return dict(n_bucket=triton.next_power_of_2(max(n_keys, 1)), HEADS=q.shape[2], KV_HEADS=k.shape[2],
+                HEAD_DIM=q.shape[-1],
                 BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), CAUSAL=causal, HAS_PAD=has_pad,
                 UPCAST=upcast, ACC=tl.float64 if wide else tl.float32,
                 # float32 products in true float32 (PyTorch's default for matmul), not TF32; 16-bit inputs ignore it
@@ -495,9 +472,10 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def supports_head_dim(head_dim: int) -> bool:
-    """Whether the kernels handle this head dimension natively (else the caller uses the torch kernel)."""
-    return 1 <= head_dim <= MAX_HEAD_DIM
+def supports(q: torch.Tensor) -> bool:
+    """Whether the kernels take these inputs (else the caller uses the torch kernel): head dims 1..128; float64 only
+    under the interpreter (Triton 3.6 cannot lower these float64 products for a GPU)."""
+    return 1 <= q.shape[-1] <= MAX_HEAD_DIM and (q.dtype != torch.float64 or q.device.type == "cpu")
 
 
 def bridge_attention_forward(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask):
@@ -506,15 +484,15 @@ def bridge_attention_forward(q, k, v, k_bridge, v_bridge, vision_mask, causal, s
     Returns (out [B, Nq, H, D] in q's dtype, lse [B, H, Nq] in ``lse_dtype(q.dtype)``)."""
     q, k, v, k_bridge, v_bridge = (t.contiguous() for t in (q, k, v, k_bridge, v_bridge))
     batch, n_queries, heads, _ = q.shape
-    n_keys, kv_heads = k.shape[1], k.shape[2]
+    n_keys = k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, n_queries, dtype=lse_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
     vis, counts, pad, has_pad = _masks(vision_mask, key_padding_mask)
     grid = lambda meta: (triton.cdiv(n_queries, meta["BLOCK_M"]), heads, batch)  # noqa: E731
-    _bridge_fwd_kernel[grid](q, k, v, k_bridge, v_bridge, vis, counts, pad, out, lse, n_queries, n_keys, heads,
-                             kv_heads, softmax_scale * LOG2E, **_meta(q, n_keys, causal, has_pad))
+    _bridge_fwd_kernel[grid](q, k, v, k_bridge, v_bridge, vis, counts, pad, out, lse, n_queries, n_keys,
+                             softmax_scale * LOG2E, **_meta(q, k, causal, has_pad))
     return out, lse
 
 
@@ -534,17 +512,17 @@ def bridge_attention_backward(grad_out, q, k, v, k_bridge, v_bridge, vision_mask
     dq = torch.empty_like(q) if want_q else q.new_empty(0)
     dkv = [torch.empty_like(t) if want_kv else None for t in (k, v, k_bridge, v_bridge)]
     vis, counts, pad, has_pad = _masks(vision_mask, key_padding_mask)
-    meta = _meta(q, n_keys, causal, has_pad)
+    meta = _meta(q, k, causal, has_pad)
     delta = torch.empty(batch, heads, n_queries, dtype=lse_dtype(q.dtype), device=q.device)
     scales = (softmax_scale, softmax_scale * LOG2E)
     grid_q = lambda meta_: (triton.cdiv(n_queries, meta_["BLOCK_M"]), heads, batch)  # noqa: E731
     _bridge_dq_kernel[grid_q](q, k, v, k_bridge, v_bridge, vis, counts, pad, out, grad_out, lse, delta,
-                              dq if want_q else delta, n_queries, n_keys, heads, kv_heads, *scales, WITH_DQ=want_q,
+                              dq if want_q else delta, n_queries, n_keys, *scales, WITH_DQ=want_q,
                               **meta)
     if want_kv:
         grid_k = lambda meta_: (triton.cdiv(n_keys, meta_["BLOCK_N"]), kv_heads, batch)  # noqa: E731
         _bridge_dkdv_kernel[grid_k](q, k, v, k_bridge, v_bridge, vis, counts, pad, grad_out, lse, delta, *dkv,
-                                    n_queries, n_keys, heads, kv_heads, *scales, **meta)
+                                    n_queries, n_keys, *scales, **meta)
     # Registered-op outputs must not alias each other: a fresh empty tensor for each gradient not asked for.
     return (dq, *(g if need else q.new_empty(0) for g, need in zip(dkv, needs[1:])))
 
