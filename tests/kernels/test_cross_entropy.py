@@ -184,6 +184,35 @@ def test_kernel_skips_weight_gradient_when_not_asked(backend):
     assert d_w.numel() == 0
 
 
+def _count_gemms(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul") for event in prof.events())
+
+
+@pytest.mark.parametrize("backend", CPP)
+@pytest.mark.parametrize("case,expected", [
+    # Frozen text head, every head in one chunk: text logits + dh, vision logits + dh + dW; the backward only scales.
+    (dict(trainable_text=False), 2 + 3),
+    # A trained text head adds its dW GEMM, and no logits recompute.
+    (dict(trainable_text=True), 3 + 3),
+    # "none": the forward computes logits only; the backward recomputes them once per head for dh and dW.
+    (dict(trainable_text=True, reduction="none"), 2 + 3 + 3),
+    # 100-element buffer. Text (10 rows of 20 ids): 2 chunks of logits + dh, then dW in 2 blocks of 10 ids by logits
+    # + dW. Vision (20 rows of 2 x 5 ids): 2 chunks of logits + dh, then per codebook 1 block of logits + dW.
+    (dict(trainable_text=True, chunk_elements=100), 2 * 2 + 2 * 2 + 2 * 2 + 2 * 2),
+])
+def test_gemm_count(backend, case, expected):
+    """Three GEMMs per head when it fits one chunk, none for a frozen head's dW, text rows computed once."""
+    h, w_vision = torch.randn(30, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
+    w_text = torch.randn(20, 8, requires_grad=case["trainable_text"])
+    labels = random_labels(10, 20, 20, 5, 2)
+    kwargs = dict(reduction=case.get("reduction", "mean"), chunk_elements=case.get("chunk_elements"))
+    step = lambda: discrete_token_cross_entropy(h, 10, w_text, w_vision, labels, backend=backend, **kwargs).sum()\
+        .backward()
+    assert _count_gemms(step) == expected
+
+
 @pytest.mark.parametrize("backend", CROSS_ENTROPY)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_retained_graph_backward_twice(backend, reduction):
