@@ -117,11 +117,13 @@ def routed_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, n_text: int,
 def routed_rms_norm_backward_op(grad_y: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, n_text: int,
                                 w_text: torch.Tensor, w_vision: torch.Tensor, need_w_text_grad: bool,
                                 need_w_vision_grad: bool, backend: str, grad_h: torch.Tensor | None = None
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Registered backward: (dx [T, D], dw_text [D] or [0], dw_vision [D] or [0]); [0] when not asked for.
+                                ) -> list[torch.Tensor]:
+    """Registered backward: [dx [T, D], then dw_text [D] if asked for, then dw_vision [D] if asked for]. The
+    gradients not asked for are left out (a registered op may not return placeholders that alias each other).
     grad_h [T, D] (the gradient that reached the fused sum directly) is added to dx when given."""
-    return TABLE.get(backend).backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad,
-                                       need_w_vision_grad, grad_h)
+    dx, dw_text, dw_vision = TABLE.get(backend).backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad,
+                                                         need_w_vision_grad, grad_h)
+    return [dx] + [g for g, need in ((dw_text, need_w_text_grad), (dw_vision, need_w_vision_grad)) if need]
 
 
 def _fake_forward(x, n_text, w_text, w_vision, eps, *backend):
@@ -133,14 +135,15 @@ def _fake_add_forward(x, residual, n_text, w_text, w_vision, eps, *backend):
 
 
 def _fake_backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad, need_w_vision_grad, *rest):
-    width = x.shape[1]
-    return (torch.empty_like(x), x.new_empty(width if need_w_text_grad else 0),
-            x.new_empty(width if need_w_vision_grad else 0))
+    return [torch.empty_like(x)] + [x.new_empty(x.shape[1]) for need in (need_w_text_grad, need_w_vision_grad)
+                                    if need]
 
 
 def _fake_cpp_backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad, need_w_vision_grad,
                        grad_h=None):
-    return _fake_backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad, need_w_vision_grad)
+    width = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(width if need_w_text_grad else 0),
+            x.new_empty(width if need_w_vision_grad else 0))
 
 
 torch.library.register_fake("libra::routed_rms_norm")(_fake_forward)
@@ -161,9 +164,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_rstd):
     x, rstd, w_text, w_vision = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dw_text, dw_vision = routed_rms_norm_backward_op(grad_y, x, rstd, ctx.n_text, w_text, w_vision,
-                                                         need[2], need[3], ctx.backend)
-    return dx, None, dw_text if need[2] else None, dw_vision if need[3] else None, None, None
+    grads = iter(routed_rms_norm_backward_op(grad_y, x, rstd, ctx.n_text, w_text, w_vision, need[2], need[3],
+                                             ctx.backend))
+    dx = next(grads)
+    dw_text, dw_vision = (next(grads) if n else None for n in (need[2], need[3]))
+    return dx, None, dw_text, dw_vision, None, None
 
 
 routed_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -187,11 +192,12 @@ def _add_backward(ctx, grad_y, grad_h, _grad_rstd):
         if grad_h is None:
             return (None,) * 7
         grad_y = torch.zeros_like(h)
-    dh, dw_text, dw_vision = routed_rms_norm_backward_op(grad_y, h, rstd, ctx.n_text, w_text, w_vision, need_w_text,
-                                                         need_w_vision, ctx.backend, grad_h)
+    grads = iter(routed_rms_norm_backward_op(grad_y, h, rstd, ctx.n_text, w_text, w_vision, need_w_text,
+                                             need_w_vision, ctx.backend, grad_h))
+    dh = next(grads)
+    dw_text, dw_vision = (next(grads) if n else None for n in (need_w_text, need_w_vision))
     # d(x + residual)/dx = d/d(residual) = identity: both inputs receive dh.
-    return (dh if need[0] else None, dh if need[1] else None, None, dw_text if need_w_text else None,
-            dw_vision if need_w_vision else None, None, None)
+    return dh if need[0] else None, dh if need[1] else None, None, dw_text, dw_vision, None, None
 
 
 routed_add_rms_norm_op.register_autograd(_add_backward, setup_context=_add_setup_context)

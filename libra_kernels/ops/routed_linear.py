@@ -91,10 +91,11 @@ def routed_linear_op(x: torch.Tensor, n_text: int, w_text: torch.Tensor, w_visio
 @torch.library.custom_op("libra::routed_linear_backward", mutates_args=())
 def routed_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, low: torch.Tensor, n_text: int,
                               w_text: torch.Tensor, w_vision_a: torch.Tensor, w_vision_b: torch.Tensor | None,
-                              needs: list[bool], backend: str
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Registered backward: (dx, dw_text, dw_vision_a, dw_vision_b); a [0] tensor for each one not needed."""
-    return TABLE.get(backend).backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, tuple(needs))
+                              needs: list[bool], backend: str) -> list[torch.Tensor]:
+    """Registered backward: the gradients of (x, w_text, w_vision_a, w_vision_b) whose ``needs`` flag is set, in that
+    order (the others are left out: a registered op may not return placeholders that alias each other)."""
+    grads = TABLE.get(backend).backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, tuple(needs))
+    return [g for g, need in zip(grads, needs) if need]
 
 
 def _fake_forward(x, n_text, w_text, w_vision_a, w_vision_b, *backend):
@@ -103,6 +104,10 @@ def _fake_forward(x, n_text, w_text, w_vision_a, w_vision_b, *backend):
 
 
 def _fake_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, needs, *backend):
+    return [torch.empty_like(t) for t, need in zip((x, w_text, w_vision_a, w_vision_b), needs) if need]
+
+
+def _fake_cpp_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, needs):
     like = (x, w_text, w_vision_a, w_vision_b)
     return tuple(torch.empty_like(t) if need and t is not None else x.new_empty(0) for t, need in zip(like, needs))
 
@@ -111,7 +116,7 @@ torch.library.register_fake("libra::routed_linear")(_fake_forward)
 torch.library.register_fake("libra::routed_linear_backward")(_fake_backward)
 if _ext.cpp_extension_loaded():
     torch.library.register_fake("libra::routed_linear_fwd")(_fake_forward)
-    torch.library.register_fake("libra::routed_linear_bwd")(_fake_backward)
+    torch.library.register_fake("libra::routed_linear_bwd")(_fake_cpp_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -128,9 +133,9 @@ def _backward(ctx, grad_y, _grad_low):
     needs = [need[0], need[2], need[3], w_vision_b is not None and need[4]]
     if grad_y is None:
         return None, None, None, None, None, None
-    grads = routed_linear_backward_op(grad_y.contiguous(), x, low, ctx.n_text, w_text, w_vision_a, w_vision_b,
-                                      needs, ctx.backend)
-    dx, d_w_text, d_a, d_b = (g if n else None for g, n in zip(grads, needs))
+    grads = iter(routed_linear_backward_op(grad_y.contiguous(), x, low, ctx.n_text, w_text, w_vision_a, w_vision_b,
+                                           needs, ctx.backend))
+    dx, d_w_text, d_a, d_b = (next(grads) if n else None for n in needs)
     return dx, None, d_w_text, d_a, d_b, None
 
 

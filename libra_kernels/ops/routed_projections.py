@@ -115,12 +115,14 @@ def routed_projections_backward_op(grad_y: torch.Tensor, x: torch.Tensor, low: t
                                    w_text: list[torch.Tensor], w_vision_a: list[torch.Tensor],
                                    w_vision_b: list[torch.Tensor], has_b: list[int], need_x: bool,
                                    need_w_text: list[bool], need_w_vision_a: list[bool], need_w_vision_b: list[bool],
-                                   backend: str
-                                   ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Registered backward: (dx, [dw_text_i], [dw_vision_a_i], [dw_vision_b_j] for the listed B factors); [0]
-    tensors where not needed."""
-    return TABLE.get(backend).backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, has_b, need_x,
-                                       need_w_text, need_w_vision_a, need_w_vision_b)
+                                   backend: str) -> list[torch.Tensor]:
+    """Registered backward: the gradients asked for, in the order dx, dw_text_i, dw_vision_a_i, dw_vision_b_j (one
+    per listed B factor); those not asked for are left out (a registered op may not return placeholders that alias
+    each other)."""
+    dx, d_w_text, d_a, d_b = TABLE.get(backend).backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, has_b,
+                                                         need_x, need_w_text, need_w_vision_a, need_w_vision_b)
+    grads = [(dx, need_x), *zip(d_w_text, need_w_text), *zip(d_a, need_w_vision_a), *zip(d_b, need_w_vision_b)]
+    return [g for g, need in grads if need]
 
 
 def _fake_forward(x, n_text, w_text, w_vision_a, w_vision_b, has_b, *backend):
@@ -130,6 +132,12 @@ def _fake_forward(x, n_text, w_text, w_vision_a, w_vision_b, has_b, *backend):
 
 def _fake_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, has_b, need_x, need_w_text, need_a,
                    need_b, *backend):
+    like = [(x, need_x), *zip(w_text, need_w_text), *zip(w_vision_a, need_a), *zip(w_vision_b, need_b)]
+    return [torch.empty_like(t) for t, need in like if need]
+
+
+def _fake_cpp_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, has_b, need_x, need_w_text, need_a,
+                       need_b):
     def grads(weights, needs):
         return [torch.empty_like(w) if n else x.new_empty(0) for w, n in zip(weights, needs)]
 
@@ -141,7 +149,7 @@ torch.library.register_fake("libra::routed_projections")(_fake_forward)
 torch.library.register_fake("libra::routed_projections_backward")(_fake_backward)
 if _ext.cpp_extension_loaded():
     torch.library.register_fake("libra::routed_projections_fwd")(_fake_forward)
-    torch.library.register_fake("libra::routed_projections_bwd")(_fake_backward)
+    torch.library.register_fake("libra::routed_projections_bwd")(_fake_cpp_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -159,15 +167,16 @@ def _backward(ctx, grad_y, _grad_low):
     need_x, need_w_text, need_a, need_b = need[0], list(need[2]), list(need[3]), list(need[4])
     if grad_y is None:
         return None, None, [None] * maps, [None] * maps, [None] * len(w_vision_b), None, None
-    dx, d_w_text, d_a, d_b = routed_projections_backward_op(grad_y.contiguous(), x, low, ctx.n_text, w_text,
-                                                            w_vision_a, w_vision_b, ctx.has_b, need_x, need_w_text,
-                                                            need_a, need_b, ctx.backend)
+    grads = iter(routed_projections_backward_op(grad_y.contiguous(), x, low, ctx.n_text, w_text, w_vision_a,
+                                                w_vision_b, ctx.has_b, need_x, need_w_text, need_a, need_b,
+                                                ctx.backend))
 
-    def keep(grads, needs):
-        return [g if n else None for g, n in zip(grads, needs)]
+    def take(needs):
+        return [next(grads) if n else None for n in needs]
 
-    return (dx if need_x else None, None, keep(d_w_text, need_w_text), keep(d_a, need_a), keep(d_b, need_b), None,
-            None)
+    dx = take([need_x])[0]
+    d_w_text, d_a, d_b = take(need_w_text), take(need_a), take(need_b)
+    return dx, None, d_w_text, d_a, d_b, None, None
 
 
 routed_projections_op.register_autograd(_backward, setup_context=_setup_context)

@@ -274,3 +274,23 @@ def test_cuda_graph_capture():
         assert_close_to_ref(out, expected, None, torch.float32, "graphed output")
         for i, (got, want) in enumerate(zip(fresh, eager_leaves)):
             assert_close_to_ref(got.grad, want.grad, None, torch.float32, f"graphed grad {i}")
+
+
+@pytest.mark.parametrize("backend", RMS_NORM)
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_only_the_input_needs_a_gradient(backend, compiled, with_residual):
+    """Both weights frozen: the backward returns no placeholder outputs (which would alias each other)."""
+    x, residual = torch.randn(9, 16, requires_grad=True), torch.randn(9, 16)
+    w_text, w_vision = torch.randn(16), torch.randn(16)
+    fn = lambda x: routed_rms_norm(x, 4, w_text, w_vision, 1e-6, residual if with_residual else None,
+                                   backend=backend)
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = fn(x)
+    (torch.stack(out) if with_residual else out).sum().backward()
+    expected = x.detach().double().requires_grad_()
+    ref = routed_rms_norm_ref(expected, 4, w_text.double(), w_vision.double(), 1e-6,
+                              residual.double() if with_residual else None)
+    (torch.stack(ref) if with_residual else ref).sum().backward()
+    assert_close_to_ref(x.grad, expected.grad, None, torch.float32, "grad of x")

@@ -217,3 +217,21 @@ def test_cuda_matches_reference_without_synchronising(packed):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_only_the_input_needs_a_gradient(backend, compiled):
+    """Every weight frozen: the backward returns no placeholder outputs (which would alias each other)."""
+    x, n_text, w_text, w_a, w_b = float_leaves(12, 5, 8, False)
+    x.requires_grad_()
+    fn = lambda x: torch.cat(routed_projections(x, n_text, w_text, w_a, w_b, backend=backend), dim=1)
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = fn(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected = x.detach().double().requires_grad_()
+    doubled = [[None if t is None else t.double() for t in ws] for ws in (w_text, w_a, w_b)]
+    torch.cat(routed_projections_ref(expected, n_text, *doubled), dim=1).backward(grad.double())
+    assert_close_to_ref(x.grad, expected.grad, None, torch.float32, "grad of x")
