@@ -9,6 +9,9 @@ from libra_kernels import bridge_attention
 from libra_kernels.ops.bridge_attention import bridge_attention_ref
 from libra_kernels.testing import check_against_reference, random_vision_mask
 
+# The Triton interpreter's own numpy deprecation, raised once per interpreted scalar index.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
 
 def attention_by_query(q, k, v, k_bridge, v_bridge, vision_mask, causal=True, softmax_scale=None,
                        key_padding_mask=None):
@@ -130,7 +133,9 @@ def test_gradcheck_float64(backend, causal):
     tensors = tuple(inputs[k].requires_grad_() for k in ("q", "k", "v", "k_bridge", "v_bridge"))
     fn = lambda *t: bridge_attention(*t, inputs["vision_mask"], causal=causal,
                                      key_padding_mask=inputs["key_padding_mask"], backend=backend)
-    assert torch.autograd.gradcheck(fn, tensors)
+    # Interpreted Triton kernels cost ~0.1 s a call: fast mode checks random projections of the Jacobian instead
+    # of every column (still float64 finite differences against the kernels' own backward).
+    assert torch.autograd.gradcheck(fn, tensors, fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BRIDGE_ATTENTION)

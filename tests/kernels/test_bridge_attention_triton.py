@@ -1,9 +1,9 @@
 """The fused Triton bridge attention (backend "triton") against the float64 reference, output and all five gradients.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with 16×16 tiles, so sequences of 20-60
-tokens already span several query blocks and key tiles: images are placed so that every tile path (plain, one query
-modality with bridged keys, mixed queries) runs in both the unmasked and the causally masked loops. The gpu tier runs
-the PERF.md shapes and each autotuning candidate.
+tokens already span several query blocks and key tiles: images are placed so that plain tiles (one modality) and
+bridged tiles (one query modality against other-modality keys, and mixed queries) run in both the unmasked and the
+causally masked loops. The gpu tier runs the PERF.md shapes and each autotuning candidate.
 """
 
 import math
@@ -55,13 +55,16 @@ def check(inputs, dtype=torch.float32, causal=True, softmax_scale=None):
 
 
 # (batch, Nq, Nk, H, Hkv, D, vision mask, padding, causal). With 16-token tiles, an image on [20, 40) of 53 tokens
-# makes query block 0 all text, blocks 1-2 mixed, block 3 all text: plain, bridged-key and mixed tiles on both sides of
-# the diagonal; [16, 48) makes block-aligned all-vision queries meet all-text keys (every pair bridged).
+# makes query block 0 all text, blocks 1-2 mixed, block 3 all text: plain tiles, tiles with one query modality and
+# mixed tiles on both sides of the diagonal; [16, 48) makes block-aligned all-vision queries meet all-text keys.
 CASES = {
-    "odd N, GQA, three tile paths": (2, 53, 53, 4, 2, 64, span_mask(2, 53, [(20, 40)]), None, True),
+    "odd N, GQA, every kind of tile": (2, 53, 53, 4, 2, 64, span_mask(2, 53, [(20, 40)]), None, True),
     "aligned image, all pairs of a tile bridged": (1, 61, 61, 2, 1, 64, span_mask(1, 61, [(16, 48)]), None, True),
     "non-causal, padding": (2, 53, 53, 2, 2, 64, span_mask(2, 53, [(20, 40)]), "random", False),
-    "Nq < Nk, offset 29, padding": (2, 21, 50, 4, 2, 64, span_mask(2, 50, [(10, 33)]), "random", True),
+    # Query blocks start at positions offset + 16 i: offsets 14 and 29 put the causal diagonal at different places
+    # within the key tiles (an off-by-one in the masked/unmasked split shows at one of them).
+    "Nq < Nk, offset 14, padding": (2, 36, 50, 2, 1, 64, span_mask(2, 50, [(10, 33)]), "random", True),
+    "Nq < Nk, offset 29": (1, 21, 50, 4, 2, 64, span_mask(1, 50, [(10, 33)]), None, True),
     "Nq < Nk, non-causal": (1, 19, 45, 2, 1, 64, "middle", None, False),
     "one decoding step": (2, 1, 39, 2, 1, 64, "random", None, True),
     "all text": (2, 37, 37, 2, 1, 64, "text", "random", True),
@@ -197,9 +200,13 @@ def test_gpu_sft_shape_gqa_padding_non_causal():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_float32():
+    check(perf_inputs(2, 333, 70, image_length=150, heads=8, kv_heads=2, padding="random"), dtype=torch.float32)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("which", ["fwd", "dq", "dkdv"])
-def test_gpu_every_config(monkeypatch, which, dtype):
+def test_gpu_every_config(monkeypatch, which):
     """Each autotuning candidate at odd sizes (autotuning would only ever run the fastest)."""
     kernel = {"fwd": kernels._bridge_fwd_kernel, "dq": kernels._bridge_dq_kernel,
               "dkdv": kernels._bridge_dkdv_kernel}[which]
@@ -207,9 +214,8 @@ def test_gpu_every_config(monkeypatch, which, dtype):
     for config in list(kernel.configs):
         monkeypatch.setattr(kernel, "configs", [config])
         monkeypatch.setattr(kernel, "cache", {})
-        check(inputs, dtype=dtype)
-        inputs_kv_cache = dict(inputs, q=inputs["q"][:, -97:])
-        check(inputs_kv_cache, dtype=dtype)
+        check(inputs, dtype=torch.bfloat16)
+        check(dict(inputs, q=inputs["q"][:, -97:]), dtype=torch.bfloat16)  # queries at the end (KV cache)
 
 
 @pytest.mark.gpu
