@@ -9,7 +9,7 @@
 // routed_projections_fwd/_bwd run several routed projections of the same input as one: the text weights of all
 // maps in one GEMM, the vision A factors in one GEMM, then one B GEMM per map, all into column slices of one
 // output. The weights are passed separately (each keeps its own requires_grad and checkpoint name); when they
-// are consecutive row blocks of one buffer (libra_kernels.ops.fused_projection.pack_rows does this once), the
+// are consecutive row blocks of one buffer (libra_kernels.ops.routed_projections.pack_rows does this once), the
 // packed matrix is used as is, otherwise each weight runs its own GEMM into its slice (still no copy).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -20,7 +20,8 @@
 
 namespace {
 
-// out = a @ b, written by the GEMM itself into out (a row slice of a larger buffer: no temporary, no copy).
+// out = a @ b, written by the GEMM itself into out, a row or column slice of a larger buffer: BLAS takes the
+// buffer's row stride as the leading dimension, so there is no temporary and no copy.
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
 void check_inputs(const at::Tensor& x, int64_t n_text, const at::Tensor& w_text, const at::Tensor& w_vision_a,
@@ -67,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> routed_linear_fwd(const at::Tensor& x, int64_
   return {y, low};
 }
 
-// A [0] tensor for a gradient that was not asked for (a fresh one each time: outputs of an op must not alias).
+// A [0] placeholder for a gradient that was not asked for; the Python operator drops these before returning.
 at::Tensor none_like(const at::Tensor& x) { return at::empty({0}, x.options()); }
 
 // The gradient of a weight from its rows' output gradient and input: dW = dy.T @ input (zeros for 0 rows).
@@ -139,8 +140,8 @@ at::Tensor packed_rows(const std::vector<at::Tensor>& parts) {
   }
   int64_t next_offset = first.storage_offset(), rows = 0;
   for (const auto& part : parts) {
-    if (!part.is_contiguous() || part.size(1) != first.size(1) || part.storage_offset() != next_offset ||
-        !part.storage().is_alias_of(first.storage())) {
+    if (!part.is_contiguous() || part.size(1) != first.size(1) || part.scalar_type() != first.scalar_type() ||
+        part.storage_offset() != next_offset || !part.storage().is_alias_of(first.storage())) {
       return at::Tensor();
     }
     next_offset += part.numel();
