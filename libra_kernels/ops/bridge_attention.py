@@ -259,7 +259,10 @@ def bridge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bridge
         vision_mask: bool [B, Nk], True at vision tokens.
         causal: mask keys after the query position. softmax_scale: default 1/sqrt(D).
         key_padding_mask: bool [B, Nk] (True = real token) or None.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch" or "triton". "triton" (the default on CUDA) is the fused FlashAttention-2 style
+            kernel: head dims up to 128 and float16/bfloat16/float32 (other inputs run the torch kernel); its
+            backward is deterministic (no atomics; gradients of shared GQA heads are summed in one program). It
+            autotunes its tile sizes on the first call for each key length bucket, head dim and dtype.
     Returns:
         out [B, Nq, H, D] in q's dtype; queries are the last Nq positions of the key sequence.
     """

@@ -33,7 +33,7 @@ import triton.language as tl
 
 # The kernels are built in interpreter mode when TRITON_INTERPRET=1 at import (tests on machines without CUDA).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_HEAD_DIM = 128  # larger heads fall back to the torch kernel (register budget of the four dk/dv accumulators)
+MAX_HEAD_DIM = 128  # larger heads fall back to the torch kernel (register budget of the accumulators)
 LOG2E = 1.4426950408889634
 # Kernels may only read module globals that are constexpr (the compiler refuses others).
 _LOG2E = tl.constexpr(LOG2E)
@@ -444,8 +444,8 @@ def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, has_pad: bool) -> dict
     upcast = INTERPRETED and q.dtype in (torch.float16, torch.bfloat16)
     wide = q.dtype == torch.float64
     return dict(n_bucket=triton.next_power_of_2(max(n_keys, 1)), HEADS=q.shape[2], KV_HEADS=k.shape[2],
-                HEAD_DIM=q.shape[-1],
-                BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), CAUSAL=causal, HAS_PAD=has_pad,
+                HEAD_DIM=q.shape[-1], BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), CAUSAL=causal,
+                HAS_PAD=has_pad,
                 UPCAST=upcast, ACC=tl.float64 if wide else tl.float32,
                 # float32 products in true float32 (PyTorch's default for matmul), not TF32; 16-bit inputs ignore it
                 PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32")
@@ -517,9 +517,9 @@ def bridge_attention_backward(grad_out, q, k, v, k_bridge, v_bridge, vision_mask
     delta = torch.empty(batch, heads, n_queries, dtype=lse_dtype(q.dtype), device=q.device)
     scales = (softmax_scale, softmax_scale * LOG2E)
     grid_q = lambda meta_: (triton.cdiv(n_queries, meta_["BLOCK_M"]), heads, batch)  # noqa: E731
+    # The dq kernel also writes delta, which the dk/dv kernel reads; without dq wanted it writes delta only.
     _bridge_dq_kernel[grid_q](q, k, v, k_bridge, v_bridge, vis, counts, pad, out, grad_out, lse, delta,
-                              dq if want_q else delta, n_queries, n_keys, *scales, WITH_DQ=want_q,
-                              **meta)
+                              dq if want_q else delta, n_queries, n_keys, *scales, WITH_DQ=want_q, **meta)
     if want_kv:
         grid_k = lambda meta_: (triton.cdiv(n_keys, meta_["BLOCK_N"]), kv_heads, batch)  # noqa: E731
         _bridge_dkdv_kernel[grid_k](q, k, v, k_bridge, v_bridge, vis, counts, pad, grad_out, lse, delta, *dkv,
