@@ -156,6 +156,20 @@ def test_opcheck(backend, requires_grad):
                           (x, n_text, w_text, w_a, [b for b in w_b if b is not None], has_b, backend))
 
 
+@CPP
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck_cpp_kernels(packed):
+    x, n_text, w_text, w_a, w_b = float_leaves(10, 4, 8, False)
+    if packed:
+        pack_rows(w_text), pack_rows(w_a)
+    listed_b, has_b = [b for b in w_b if b is not None], [int(b is not None) for b in w_b]
+    torch.library.opcheck(torch.ops.libra.routed_projections_fwd, (x, n_text, w_text, w_a, listed_b, has_b))
+    y, low = torch.ops.libra.routed_projections_fwd(x, n_text, w_text, w_a, listed_b, has_b)
+    needs = ([True, False, True, False, True], [True] * 5, [True, False, True])
+    torch.library.opcheck(torch.ops.libra.routed_projections_bwd,
+                          (torch.randn_like(y), x, low, n_text, w_text, w_a, listed_b, has_b, True, *needs))
+
+
 def test_compiles_fullgraph():
     x, n_text, w_text, w_a, w_b = float_leaves(10, 4, 8, False)
     compiled = torch.compile(lambda x: routed_projections(x, n_text, w_text, w_a, w_b), fullgraph=True,
