@@ -46,7 +46,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=lambda: {"vocab_size": 128})
     init_libra: str | None = None  # a Libra HF checkpoint directory to start from (released or ours)
     init_llama: str | None = None  # a LLaMA-2 HF directory: language weights from it, vision parts initialised
-    processor: str | None = None  # a processor directory; None with a tiny model: build the tiny one in output_dir
+    processor: str | None = None  # a processor directory; None (shapes only): generate one in output_dir
     backend: str = "auto"
     # data
     dataset: str = "shapes"  # "shapes" | "webdataset" | "coco" | "llava"
@@ -266,15 +266,17 @@ def _build_processor(cfg: TrainConfig, config: LibraConfig, parallel: ParallelSt
 
     directory = cfg.processor
     if directory is None:
-        if cfg.model != "tiny":
-            raise ValueError("TrainConfig: processor (a processor directory) is required unless model is 'tiny'")
+        if cfg.dataset != "shapes":
+            raise ValueError(f"TrainConfig: processor (a processor directory) is required for dataset "
+                             f"{cfg.dataset!r}; only the generated shapes set can use a generated processor")
         from libra_model.data.shapes import ShapesCaptions
         from libra_model.tiny import build_tiny_processor_dir
 
+        # A processor in the real formats with a tokenizer trained on the shapes captions and a random CLIP and
+        # quantiser sized from the model config: enough to learn the shapes set, and to benchmark any model size.
         directory = os.path.join(cfg.output_dir, "processor")
         if parallel.is_main and not os.path.isfile(os.path.join(directory, "processor_config.json")):
-            texts = ShapesCaptions.vocabulary_text() if cfg.dataset == "shapes" else None
-            build_tiny_processor_dir(directory, config, texts=texts, seed=cfg.seed)
+            build_tiny_processor_dir(directory, config, texts=ShapesCaptions.vocabulary_text(), seed=cfg.seed)
         parallel.barrier()
     return LibraProcessor.from_pretrained(directory, config, device=parallel.device, torch_dtype=torch.float32)
 
@@ -368,6 +370,10 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
     processor = _build_processor(cfg, config, parallel)
     model, initial_masters = _build_model(cfg, config, parallel, dtype)
     model.train()
+    if hasattr(model, "check_input_values"):
+        # The collator builds ids, vision indices and labels consistently; the model's value checks cost a
+        # device-to-host sync per forward, so they run only with debug_checks.
+        model.check_input_values = cfg.debug_checks
     optimizer = MasterAdamW(model, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay, initial_masters=initial_masters)
 
@@ -401,12 +407,15 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
             _say(parallel, f"resumed from {last_checkpoint} at step {start_step}")
 
     metrics = _Metrics(cfg.output_dir, parallel.is_main, start_step, cfg.tensorboard)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * parallel.tp
-    total = sum(p.numel() for p in model.parameters())
+    from libra_model.parallel.layout import is_tp_sharded
+
+    full_numel = lambda p: p.numel() * (parallel.tp if is_tp_sharded(p) else 1)
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(full_numel(p) for p in model.parameters())
     peak, peak_source = peak_flops(parallel.device, dtype)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * cfg.max_steps))
     _say(parallel, f"Libra training: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-                   f"~{total * parallel.tp:,} parameters (~{trainable:,} trained); dp={parallel.dp} tp={parallel.tp} "
+                   f"{total:,} parameters ({trainable:,} trained); dp={parallel.dp} tp={parallel.tp} "
                    f"on {parallel.device.type}, {str(dtype)[6:]} compute; global batch {cfg.global_batch_size} = "
                    f"{cfg.micro_batch_size} × {accum} accumulation × {parallel.dp} dp; dataset {cfg.dataset} "
                    f"({len(source):,} samples); MFU peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")

@@ -21,6 +21,14 @@ def tp_world_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def all_gather_flat(output: torch.Tensor, x: torch.Tensor, group) -> None:
+    """Gather every rank's ``x`` into ``output`` (ranks concatenated along dim 0). Uses ``all_gather_single`` where
+    torch has it (newer releases deprecate ``all_gather_into_tensor``) and ``all_gather_into_tensor`` elsewhere
+    (torch 2.11 lacks ``all_gather_single``)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, x, group=group)
+
+
 def _all_reduce(x: torch.Tensor, group, direction: str) -> torch.Tensor:
     x = x.contiguous()
     dist.all_reduce(x, group=group)
@@ -70,7 +78,7 @@ class _GatherFromTPRegion(torch.autograd.Function):
         world = tp_world_size(group)
         moved = x.movedim(dim, 0).contiguous()
         full = moved.new_empty((world * moved.shape[0], *moved.shape[1:]))
-        dist.all_gather_into_tensor(full, moved, group=group)
+        all_gather_flat(full, moved, group)
         COLLECTIVES[("all_gather", "forward")] += 1
         return full.movedim(0, dim)
 

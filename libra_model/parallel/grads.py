@@ -21,7 +21,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from libra_model.parallel.comm import COLLECTIVES, tp_world_size
+from libra_model.parallel.comm import COLLECTIVES, all_gather_flat, tp_world_size
 
 # Flat buffers are reduced in slices of this many elements, so a collective never needs a second full-size buffer
 # (gloo and NCCL both work in place, but very large single messages stall gloo).
@@ -107,7 +107,7 @@ def check_replicated_equal(named: list[tuple[str, torch.Tensor]], tp_group) -> N
     for name, tensor in named:
         flat = tensor.detach().reshape(-1).contiguous()
         gathered = torch.empty(tp * flat.numel(), dtype=flat.dtype, device=flat.device)
-        dist.all_gather_into_tensor(gathered, flat, group=tp_group)
+        all_gather_flat(gathered, flat, tp_group)
         gathered = gathered.view(tp, -1)
         if not all(torch.equal(gathered[0], gathered[r]) for r in range(1, tp)):
             diff = (gathered - gathered[0]).abs().max().item()

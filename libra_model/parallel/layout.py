@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from libra_model.parallel.comm import tp_world_size
+from libra_model.parallel.comm import all_gather_flat, tp_world_size
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def gather_tp_tensor(local: torch.Tensor, shard_dim: int | None, tp_group) -> to
         return local
     moved = local.detach().movedim(shard_dim, 0).contiguous()
     full = torch.empty((tp * moved.shape[0], *moved.shape[1:]), dtype=moved.dtype, device=moved.device)
-    dist.all_gather_into_tensor(full, moved, group=tp_group)
+    all_gather_flat(full, moved, tp_group)
     return full.movedim(0, shard_dim).contiguous()
 
 

@@ -45,9 +45,11 @@ def move_batch(batch: dict, device: torch.device, dtype: torch.dtype | None = No
     return out
 
 
-def _real_tokens(batch: dict) -> int:
+def _real_tokens(batch: dict) -> torch.Tensor:
     mask = batch.get("attention_mask")
-    return int(batch["vision_indices"].numel() if mask is None else (mask != 0).sum())
+    if mask is None:
+        return torch.tensor(float(batch["vision_indices"].numel()), dtype=torch.float64)
+    return (mask != 0).sum().to(torch.float64)
 
 
 def forward_loss(model, batch: dict, target_counts: torch.Tensor | None) -> torch.Tensor:
@@ -84,21 +86,21 @@ def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: flo
     if normalization == "global_tokens":
         counts = global_target_counts([b["labels"] for b in micro_batches], parallel.dp_group)
     weight = 1.0 / (len(micro_batches) * dp)
-    total = torch.zeros((), dtype=torch.float64)
+    # Loss and token count stay on the device until one transfer at the end of the step (no per-micro-batch sync).
+    totals = torch.zeros(2, dtype=torch.float64, device=parallel.device)
     for batch in micro_batches:
         loss = forward_loss(model, batch, counts)
         if normalization == "mean_of_microbatches":
             loss = loss * weight
         loss.backward()
-        total += loss.detach().double().cpu()
+        totals[0] += loss.detach().to(torch.float64)
+        totals[1] += _real_tokens(batch).to(totals.device)
     optimizer.reduce(parallel)
     norm = optimizer.clip_(parallel, max_grad_norm)
-    tokens = torch.tensor([float(total), float(sum(_real_tokens(b) for b in micro_batches))], dtype=torch.float64)
     if dp > 1:
         # The step's loss and token count over all replicas, for logging only (they do not touch the gradients).
-        tokens = tokens.to(parallel.device)
-        dist.all_reduce(tokens, group=parallel.dp_group)
-        tokens = tokens.cpu()
+        dist.all_reduce(totals, group=parallel.dp_group)
+    tokens = totals.cpu()
     grad_norm = float(norm)
     skipped = not math.isfinite(grad_norm)
     if not skipped:

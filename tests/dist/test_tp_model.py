@@ -72,6 +72,44 @@ def _check_forward_and_grads(parallel, ref, tp, batch):
     return kinds
 
 
+def _check_blocks(parallel, full, batch):
+    """Each parallel block on its own: layer 0's attention and MLP at TP=2 equal TP=1 (output, input gradient, every
+    weight gradient), each with exactly one all-reduce forward and one backward."""
+    from libra_kernels import ModalityLayout
+
+    group = parallel.tp_group
+    tp = shard_model_(clone(full), group)
+    layout = ModalityLayout.from_vision_indices(batch["vision_indices"], full.config.max_vision_token_length)
+    ctx_full = full._attention_context(batch["vision_indices"], None, layout, None, None)
+    ctx_tp = tp._attention_context(batch["vision_indices"], None, layout, None, None)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(layout.num_tokens, full.config.hidden_size, generator=g, dtype=torch.float64)
+    weight = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    prefix = "model.layers.0."
+    for block in ("self_attn", "mlp"):
+        ref_block, tp_block = getattr(full.model.layers[0], block), getattr(tp.model.layers[0], block)
+        outputs = []
+        for module, ctx in ((ref_block, ctx_full), (tp_block, ctx_tp)):
+            inp = x.clone().requires_grad_(True)
+            COLLECTIVES.clear()
+            out = module(inp, ctx) if block == "self_attn" else module(inp, layout.n_text)
+            (out * weight).sum().backward()
+            outputs.append((out.detach(), inp.grad, dict(COLLECTIVES)))
+        (ref_out, ref_dx, _), (tp_out, tp_dx, counts) = outputs
+        torch.testing.assert_close(tp_out, ref_out, **TOL)
+        torch.testing.assert_close(tp_dx, ref_dx, **TOL)
+        assert counts == {("all_reduce", "forward"): 1, ("all_reduce", "backward"): 1}, (block, counts)
+        ref_params = dict(ref_block.named_parameters())
+        for name, param in tp_block.named_parameters():
+            grad, expected = param.grad.clone(), ref_params[name].grad
+            if is_tp_partial(param):
+                dist.all_reduce(grad, group=group)
+            elif is_tp_sharded(param):
+                expected = local_shard(expected, prefix + f"{block}.{name}", group)
+            torch.testing.assert_close(grad, expected, **TOL, msg=lambda m, n=name: f"{block}.{n}: {m}")
+        ref_block.zero_grad(set_to_none=True)
+
+
 def _train(parallel, model, batches, steps=3):
     optimizer = MasterAdamW(model, lr=0.0, weight_decay=0.01, master_dtype=torch.float64)
     results = [train_step(model, optimizer, batches, parallel, lr=3e-2, max_grad_norm=CLIP) for _ in range(steps)]
@@ -95,6 +133,8 @@ def _tp_equals_tp1(rank, world_size):
                 assert param.shape == full_shape, name
             else:
                 assert param.shape[rule.shard_dim] * 2 == full_shape[rule.shard_dim], name
+        if not frozen:
+            _check_blocks(parallel, full, batch)
         kinds = _check_forward_and_grads(parallel, ref, tp, batch)
         layers = full.config.num_hidden_layers  # per layer 11 partial: 3 expert A + o B + 4 bridge A, 2 A + down B
         assert kinds["partial"] == layers * 11 and kinds["sharded"] > 0 and kinds["replicated"] > 0, kinds
@@ -102,6 +142,8 @@ def _tp_equals_tp1(rank, world_size):
         assert not frozen or kinds["frozen"] > 10
 
         micro = [slice_batch(batch, 0, 1), slice_batch(batch, 1, 2)]
+        if frozen:
+            tp.gradient_checkpointing_enable()  # recomputation re-issues the forward "g"; results must not change
         opt_ref, res_ref = _train(single, ref, micro)
         opt_tp, res_tp = _train(parallel, tp, micro)
         for a, b in zip(res_ref, res_tp):
