@@ -12,6 +12,7 @@ from libra_kernels.ops.bridge_attention import bridge_attention, bridge_attentio
 from libra_kernels.ops.cross_entropy import discrete_token_cross_entropy, discrete_token_cross_entropy_ref
 from libra_kernels.ops.rms_norm import routed_rms_norm, routed_rms_norm_ref
 from libra_kernels.ops.routed_linear import routed_linear, routed_linear_ref
+from libra_kernels.ops.routed_projections import pack_rows, routed_projections, routed_projections_ref
 
 __all__ = [
     "ModalityLayout",
@@ -20,8 +21,11 @@ __all__ = [
     "cpp_extension_loaded",
     "discrete_token_cross_entropy",
     "discrete_token_cross_entropy_ref",
+    "pack_rows",
     "routed_linear",
     "routed_linear_ref",
+    "routed_projections",
+    "routed_projections_ref",
     "routed_rms_norm",
     "routed_rms_norm_ref",
 ]

@@ -23,11 +23,11 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20 | 
 echo "build took $(( $(date +%s) - start )) s" | tee -a "$OUT/build.txt"
 
 echo "== gpu tests"
-timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2>&1 \
+timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2>&1 \
   | tail -40 | tee "$OUT/gpu-tests.txt" || status=1
 
 echo "== benchmarks"
-timeout 240 python3 -m pytest -q bench/ --benchmark -p no:cacheprovider --benchmark-json="$OUT/pytest-benchmark.json" \
+timeout 300 python3 -m pytest -q bench/ --benchmark -p no:cacheprovider --benchmark-json="$OUT/pytest-benchmark.json" \
   2>&1 | tail -80 | tee "$OUT/bench.txt" || status=1
 
 exit $status
