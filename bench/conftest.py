@@ -30,7 +30,8 @@ def device():
 
 
 _RESULTS: dict[str, list[dict]] = {}
-TABLE_COLUMNS = ["op", "shape", "dtype", "impl", "ms", "p20_ms", "p80_ms", "peak_mib", "tflops", "gbps", "ratio", "baseline"]
+TABLE_COLUMNS = ["op", "shape", "dtype", "impl", "ms", "p20_ms", "p80_ms", "peak_mib", "tflops", "gbps", "ratio",
+                 "baseline"]
 
 
 @pytest.fixture(scope="session")
