@@ -43,7 +43,8 @@ class TrainConfig:
 
     # model
     model: str = "tiny"  # "tiny" | "libra_11b" (LibraConfig presets) | a directory holding a Libra config.json
-    model_overrides: dict = field(default_factory=lambda: {"vocab_size": 128})
+    model_overrides: dict = field(default_factory=lambda: {"vocab_size": 128, "hidden_size": 128,
+                                                           "intermediate_size": 256})
     init_libra: str | None = None  # a Libra HF checkpoint directory to start from (released or ours)
     init_llama: str | None = None  # a LLaMA-2 HF directory: language weights from it, vision parts initialised
     processor: str | None = None  # a processor directory; None (shapes only): generate one in output_dir
@@ -58,10 +59,10 @@ class TrainConfig:
     caption_eos: bool = True  # end captions with a target EOS so generation stops (the paper's pretraining: false)
     prefetch: int = 0
     # optimisation
-    max_steps: int = 300
+    max_steps: int = 800
     global_batch_size: int = 32
     micro_batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr: float = 0.0
     warmup_steps: int | None = None  # None: warmup_ratio · max_steps
     warmup_ratio: float = 0.05
@@ -84,7 +85,7 @@ class TrainConfig:
     save_frozen: bool = True
     resume: bool = False
     export_hf: bool = True
-    caption_samples: int = 2
+    caption_samples: int = 3
     caption_max_new_tokens: int = 24
     tensorboard: bool = True
     debug_checks: bool = False

@@ -52,7 +52,7 @@ class ShapesCaptions:
         grey = rng.randint(0, 60)
         image = Image.new("RGB", (size, size), (grey, grey, grey))
         draw = ImageDraw.Draw(image)
-        radius = size * rng.uniform(0.16, 0.22)
+        radius = size * rng.uniform(0.24, 0.3)
         jitter = size * 0.05
         centre_x = {"left": 0.25, "right": 0.75}.get(position, 0.5) * size + rng.uniform(-jitter, jitter)
         centre_y = {"top": 0.25, "bottom": 0.75}.get(position, 0.5) * size + rng.uniform(-jitter, jitter)

@@ -70,30 +70,3 @@ def reduce_from_tp_region(x: torch.Tensor, group=None) -> torch.Tensor:
         return x
     return _ReduceFromTPRegion.apply(x, group)
 
-
-class _GatherFromTPRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        world = tp_world_size(group)
-        moved = x.movedim(dim, 0).contiguous()
-        full = moved.new_empty((world * moved.shape[0], *moved.shape[1:]))
-        all_gather_flat(full, moved, group)
-        COLLECTIVES[("all_gather", "forward")] += 1
-        return full.movedim(0, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Whatever consumes the gathered tensor is computed identically on every rank, so each rank already holds
-        # the full gradient: keep this rank's slice, no communication.
-        world, rank = tp_world_size(ctx.group), dist.get_rank(ctx.group)
-        return grad.chunk(world, dim=ctx.dim)[rank].contiguous(), None, None
-
-
-def gather_from_tp_region(x: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
-    """All-gather the ranks' shards of ``x`` along ``dim`` (rank order) forward; backward keeps this rank's slice of
-    the gradient. For a consumer that runs identically on every rank (replicated inputs), so that the gradient it
-    produces is already the full one everywhere. Any shape and dtype; identity for one rank."""
-    if tp_world_size(group) == 1:
-        return x
-    return _GatherFromTPRegion.apply(x, group, dim)

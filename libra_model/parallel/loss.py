@@ -12,10 +12,9 @@ several micro-batches on several DP replicas. Two definitions are offered (PARAL
 * ``"mean_of_microbatches"`` (the reference's HF Trainer + DeepSpeed): each micro-batch's own Libra mean, averaged
   over the micro-batches and DP replicas (weight 1 / (accumulation · dp) each).
 
-The text head may be vocab-parallel (``model.lm_head_tp_group``): the fused loss then takes the local vocabulary
-shard. Until the operator implements ``process_group``, the documented interim gathers the text head's shards
-(forward all-gather, backward keeps the local slice of the identical full gradient), which costs one all-gather of
-the head per micro-batch and a full-vocabulary logits block per rank.
+The text head may be vocab-parallel (``model.lm_head_tp_group``): the fused loss then takes this rank's vocabulary
+shard and its ``process_group`` (PARALLEL.md §1(f)): every rank gets the full loss, the full gradient of the hidden
+states and its shard's head gradient.
 """
 
 from __future__ import annotations
@@ -24,11 +23,10 @@ import torch
 import torch.distributed as dist
 
 from libra_kernels import ModalityLayout, discrete_token_cross_entropy
-from libra_model.parallel.comm import COLLECTIVES, gather_from_tp_region, tp_world_size
+from libra_model.parallel.comm import COLLECTIVES, tp_world_size
 
 IGNORE_INDEX = -100
 NORMALIZATIONS = ("global_tokens", "mean_of_microbatches")
-_VOCAB_PARALLEL_OP: bool | None = None  # whether the operator accepts process_group (probed once)
 
 
 def sorted_shifted_labels(labels: torch.Tensor, layout: ModalityLayout, ignore_index: int = IGNORE_INDEX
@@ -53,22 +51,9 @@ def discrete_token_loss(h: torch.Tensor, n_text: int, w_text: torch.Tensor, w_vi
 
     h [T, hidden] (replicated over the group); w_text [V/tp, hidden] this rank's vocabulary shard; w_vision
     [C, Vv, hidden]; labels int64 [C, T] (sorted, shifted). Returns what the operator returns for the full head."""
-    global _VOCAB_PARALLEL_OP
-    if tp_world_size(group) == 1:
-        return discrete_token_cross_entropy(h, n_text, w_text, w_vision, labels, ignore_index=ignore_index,
-                                            reduction=reduction, backend=backend)
-    if _VOCAB_PARALLEL_OP is not False:
-        try:
-            out = discrete_token_cross_entropy(h, n_text, w_text, w_vision, labels, ignore_index=ignore_index,
-                                               reduction=reduction, process_group=group, backend=backend)
-            _VOCAB_PARALLEL_OP = True
-            return out
-        except NotImplementedError:
-            _VOCAB_PARALLEL_OP = False
-    # Interim: gather the text head (see the module docstring).
-    w_full = gather_from_tp_region(w_text, group, dim=0)
-    return discrete_token_cross_entropy(h, n_text, w_full, w_vision, labels, ignore_index=ignore_index,
-                                        reduction=reduction, backend=backend)
+    return discrete_token_cross_entropy(h, n_text, w_text, w_vision, labels, ignore_index=ignore_index,
+                                        reduction=reduction, backend=backend,
+                                        process_group=group if tp_world_size(group) > 1 else None)
 
 
 def libra_loss(model, hidden: torch.Tensor, layout: ModalityLayout, labels: torch.Tensor, *,

@@ -165,8 +165,8 @@ def _tp_equals_tp1(rank, world_size):
         state = opt_tp.named_state()
         assert len(state) == sum(p.requires_grad for p in tp.parameters())
 
-    # Collectives: 2 all-reduces per layer forward ("g" of attention and MLP), 2 backward ("f"), plus the interim
-    # text-head gather of the loss (or none once the loss operator is vocab-parallel).
+    # Collectives of the blocks: 2 all-reduces per layer forward ("g" of attention and MLP), 2 backward ("f"). (The
+    # vocab-parallel loss's own reductions belong to the operator and are tested with it.)
     model = shard_model_(tiny_model(), parallel.tp_group)
     COLLECTIVES.clear()
     out = model(batch["input_ids"], batch["vision_indices"], contiguous_signal=batch["contiguous_signal"])
@@ -175,7 +175,6 @@ def _tp_equals_tp1(rank, world_size):
     from libra_model.parallel.loss import libra_loss
 
     loss = libra_loss(model, out.hidden_states, out.layout, batch["labels"])
-    assert COLLECTIVES[("all_gather", "forward")] <= 1
     loss.backward()
     assert COLLECTIVES[("all_reduce", "backward")] == 2 * layers
     assert COLLECTIVES[("all_reduce", "forward")] == 2 * layers
