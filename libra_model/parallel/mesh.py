@@ -96,6 +96,10 @@ def init_parallel(tp: int = 1, *, device: str | torch.device | None = None, back
     if world_size == 1 and not dist.is_initialized():
         return ParallelState(device=device)
 
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Several ranks on one CPU: split the cores, since oversubscribed OpenMP threads spin and stall each other.
+        local = _env_int("LOCAL_WORLD_SIZE", world_size)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     if not dist.is_initialized():
         kwargs = {}
         if timeout_s is not None:

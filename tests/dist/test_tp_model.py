@@ -117,6 +117,7 @@ def _train(parallel, model, batches, steps=3):
 
 
 def _tp_equals_tp1(rank, world_size):
+    torch.set_num_threads(1)  # two processes on a small CPU: oversubscribed OpenMP threads spin and stall
     parallel = init_parallel(tp=2)
     assert (parallel.dp, parallel.tp, parallel.tp_rank) == (1, 2, rank)
     single = ParallelState()
@@ -185,6 +186,7 @@ def test_tp2_equals_tp1_whole_model_grads_and_adamw_steps():
 
 
 def _dp_equals_doubled_batch(rank, world_size):
+    torch.set_num_threads(1)
     parallel = init_parallel(tp=1)
     assert (parallel.dp, parallel.dp_rank, parallel.tp) == (2, rank, 1)
     full = tiny_model()

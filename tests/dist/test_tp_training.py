@@ -20,6 +20,7 @@ def _tp2_runs(rank, world_size, processor, root):
     from libra_model.parallel.layout import full_state_dict
     from libra_model.parallel.mesh import init_parallel
 
+    torch.set_num_threads(1)  # two processes on a small CPU: oversubscribed OpenMP threads spin and stall
     parallel = init_parallel(tp=2)
     captured = {}
     real_step, real_save = trainer.train_step, trainer.ckpt.save_checkpoint
