@@ -13,6 +13,10 @@ Every block is one "f" at its entry, TP-local compute, one "g" at its exit (PARA
 * everything else (norms, embeddings, the signal projector, the vision heads, the placeholder) is replicated
   outside any TP region: its gradient is identical on every TP rank and needs no TP reduction.
 
+The text embedding ``embed_tokens`` is replicated, not vocab-parallel (PARALLEL.md §1(b), v1): it is frozen in
+stage 1 and 262 MB in bf16 at 32000×4096, and replication keeps the embedding free of collectives. The text head
+``lm_head`` is vocab-parallel (rows split), feeding the fused loss's ``process_group``.
+
 Each parameter also gets ``p._tp_shard_dim`` (the sharded dim, or None when replicated).
 """
 

@@ -188,3 +188,43 @@ def test_entry_point_flags(processor_dir, tmp_path, monkeypatch):
         (str(tmp_path), 5, 1, True, 1e-4)
     module.main([])
     assert seen["config"].max_steps == 5  # setdefault kept the first; the second call parsed without error
+
+
+# ------------------------------------------------------------------------------------------------ loss normalisation
+def test_loss_normalisations_against_the_models_own_loss():
+    import copy
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "dist"))
+    from libra_dist_helpers import make_batch, slice_batch, tiny_model
+
+    from libra_model.parallel.loss import valid_target_counts
+    from libra_model.parallel.mesh import ParallelState
+    from libra_model.parallel.step import forward_loss, train_step
+
+    model = tiny_model()
+    batch = make_batch(model.config, 3, 20, [(0, 2), (2, 5)], seed=4)
+    # With no normalizer the loss is Libra's mean, exactly the model's own loss.
+    own = model(batch["input_ids"], batch["vision_indices"], contiguous_signal=batch["contiguous_signal"],
+                labels=batch["labels"]).loss
+    torch.testing.assert_close(forward_loss(model, batch, None), own, rtol=1e-12, atol=0)
+    # The global-token share of a batch that is the whole step is the same number.
+    torch.testing.assert_close(forward_loss(model, batch, valid_target_counts(batch["labels"])), own,
+                               rtol=1e-12, atol=0)
+    # Split into micro-batches, the global-token shares add up to the whole batch's loss; the mean of the
+    # micro-batch means is a different number (the reference's definition).
+    parts = [slice_batch(batch, 0, 1), slice_batch(batch, 1, 3)]
+    counts = valid_target_counts(batch["labels"])
+    shares = sum(forward_loss(model, part, counts) for part in parts)
+    torch.testing.assert_close(shares, own, rtol=1e-12, atol=0)
+    means = sum(forward_loss(model, part, None) for part in parts) / 2
+    assert abs(float(means) - float(own)) > 1e-4
+    results = {}
+    for normalization in ("global_tokens", "mean_of_microbatches"):
+        copy_ = copy.deepcopy(model)
+        results[normalization] = train_step(copy_, MasterAdamW(copy_, master_dtype=torch.float64), parts,
+                                            ParallelState(), lr=1e-3, normalization=normalization).loss
+    assert results["global_tokens"] == pytest.approx(float(own), rel=1e-12)
+    assert results["mean_of_microbatches"] == pytest.approx(float(means), rel=1e-12)
+    with pytest.raises(ValueError, match="normalization"):
+        train_step(model, None, parts, ParallelState(), lr=1e-3, normalization="tokens")
