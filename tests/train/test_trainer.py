@@ -206,7 +206,7 @@ def test_loss_normalisations_against_the_models_own_loss():
     batch = make_batch(model.config, 3, 20, [(0, 2), (2, 5)], seed=4)
     # With no normalizer the loss is Libra's mean, exactly the model's own loss.
     own = model(batch["input_ids"], batch["vision_indices"], contiguous_signal=batch["contiguous_signal"],
-                labels=batch["labels"]).loss
+                labels=batch["labels"]).loss.detach()
     torch.testing.assert_close(forward_loss(model, batch, None), own, rtol=1e-12, atol=0)
     # The global-token share of a batch that is the whole step is the same number.
     torch.testing.assert_close(forward_loss(model, batch, valid_target_counts(batch["labels"])), own,
@@ -215,9 +215,9 @@ def test_loss_normalisations_against_the_models_own_loss():
     # micro-batch means is a different number (the reference's definition).
     parts = [slice_batch(batch, 0, 1), slice_batch(batch, 1, 3)]
     counts = valid_target_counts(batch["labels"])
-    shares = sum(forward_loss(model, part, counts) for part in parts)
+    shares = sum(forward_loss(model, part, counts).detach() for part in parts)
     torch.testing.assert_close(shares, own, rtol=1e-12, atol=0)
-    means = sum(forward_loss(model, part, None) for part in parts) / 2
+    means = sum(forward_loss(model, part, None).detach() for part in parts) / 2
     assert abs(float(means) - float(own)) > 1e-4
     results = {}
     for normalization in ("global_tokens", "mean_of_microbatches"):
