@@ -13,30 +13,10 @@ namespace {
 
 using libra::xent::Rows;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float xent_load(float v) { return v; }
-__device__ __forceinline__ double xent_load(double v) { return v; }
-__device__ __forceinline__ float xent_load(__half v) { return __half2float(v); }
-__device__ __forceinline__ float xent_load(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T xent_store(typename AccOf<T>::type v);
-template <>
-__device__ __forceinline__ float xent_store<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double xent_store<double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half xent_store<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 xent_store<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// Element conversions and the accumulator type come from libra_common.h.
+using libra::cuda::Acc;
+using libra::cuda::from_acc;
+using libra::cuda::to_acc;
 
 // VEC consecutive logits moved by one aligned load or store (16 bytes when vectorised, one element otherwise).
 template <typename T, int VEC>
@@ -46,7 +26,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 template <typename scalar_t, int THREADS, int VEC>
 __global__ void __launch_bounds__(THREADS) rows_kernel(Rows a) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename Acc<scalar_t>::type;
   using pack_t = Pack<scalar_t, VEC>;
   constexpr int kWarps = THREADS / 32;
   const int64_t pair = blockIdx.x;
@@ -60,13 +40,13 @@ __global__ void __launch_bounds__(THREADS) rows_kernel(Rows a) {
     __shared__ acc_t warp_max[kWarps], warp_sum[kWarps], warp_logits[kWarps];
     __shared__ acc_t block_lse;
     // Read before the block's barrier, so no thread can have overwritten it with a gradient yet.
-    const acc_t target_logit = target.column >= 0 ? xent_load(z[target.column]) : acc_t(0);
+    const acc_t target_logit = target.column >= 0 ? to_acc(z[target.column]) : acc_t(0);
     acc_t max = libra::xent::lowest(acc_t(0)), sum = 0, sum_logits = 0;
     for (int j = threadIdx.x * VEC; j < width; j += THREADS * VEC) {
       const pack_t p = *reinterpret_cast<const pack_t*>(z + j);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const acc_t v = xent_load(p.v[k]);
+        const acc_t v = to_acc(p.v[k]);
         libra::xent::softmax_add(max, sum, v);
         sum_logits += v;
       }
@@ -112,7 +92,7 @@ __global__ void __launch_bounds__(THREADS) rows_kernel(Rows a) {
     pack_t p = *reinterpret_cast<const pack_t*>(z + j);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      p.v[k] = xent_store<scalar_t>(libra::xent::logit_grad(xent_load(p.v[k]), j + k == target.column, c));
+      p.v[k] = from_acc<scalar_t>(libra::xent::logit_grad(to_acc(p.v[k]), j + k == target.column, c));
     }
     *reinterpret_cast<pack_t*>(z + j) = p;
   }
