@@ -11,6 +11,8 @@ Settings come from the defaults of ``libra_model.trainer.TrainConfig``, then ``-
 import argparse
 import sys
 
+import torch.distributed as dist
+
 from libra_model.trainer import TrainConfig, parse_set, train
 
 
@@ -31,7 +33,12 @@ def main(argv=None) -> int:
     if args.resume:
         overrides["resume"] = True
     config = TrainConfig.from_sources(args.config, overrides)
-    train(config)
+    try:
+        train(config)
+    finally:
+        # Tear the process group down explicitly: left to interpreter exit, gloo's threads can abort the process.
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
