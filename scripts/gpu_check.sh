@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one GPU check (under 8 minutes on an H100/H200): build the CUDA extension, run the gpu test tier,
-# run the benchmark suite, and leave logs and JSON under $OUT (default bench/results).
+# The one GPU check (about 8 minutes on an H100/H200): build the CUDA extension, run the gpu test tier, run the
+# benchmark suite, time training steps of the tiny default and of a ~1B model, and leave logs and JSON under $OUT
+# (default bench/results). Each stage has a time limit (seconds) that the environment can change.
 # The GPU machine has torch with CUDA preinstalled, so only this package is installed (no dependencies).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,11 +24,18 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20 | 
 echo "build took $(( $(date +%s) - start )) s" | tee -a "$OUT/build.txt"
 
 echo "== gpu tests"
-timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2>&1 \
+timeout "${GPU_TESTS_TIMEOUT:-180}" python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2>&1 \
   | tail -40 | tee "$OUT/gpu-tests.txt" || status=1
 
 echo "== benchmarks"
-timeout 300 python3 -m pytest -q bench/ --benchmark -p no:cacheprovider --benchmark-json="$OUT/pytest-benchmark.json" \
+timeout "${GPU_BENCH_TIMEOUT:-200}" python3 -m pytest -q bench/ --benchmark -p no:cacheprovider --benchmark-json="$OUT/pytest-benchmark.json" \
   2>&1 | tail -80 | tee "$OUT/bench.txt" || status=1
+
+echo "== training step time and MFU (tiny default, then ~1B)"
+timeout "${GPU_TRAIN_TIMEOUT:-60}" python3 train.py --max-steps 100 --output-dir "$OUT/train_tiny" 2>&1 \
+  | grep -E "^(Libra|step)" | tail -6 | tee "$OUT/train_tiny.txt" || status=1
+timeout "${GPU_TRAIN_1B_TIMEOUT:-120}" python3 train.py --config configs/bench_1b.yaml --output-dir "$OUT/train_1b" 2>&1 \
+  | grep -E "^(Libra|step)" | tail -8 | tee "$OUT/train_1b.txt" || status=1
+rm -rf "$OUT"/train_*/checkpoints "$OUT"/train_*/hf "$OUT"/train_*/processor
 
 exit $status
