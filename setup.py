@@ -39,7 +39,7 @@ def _extensions():
     with_cuda = torch.version.cuda is not None and os.environ.get("LIBRA_SKIP_CUDA_BUILD") != "1"
     if with_cuda:
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
-        nvcc_flags = ["-O3", "-g0", "--use_fast_math", "-lineinfo",
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo",
                       f"--threads={os.environ.get('NVCC_THREADS', '4')}"]
         ext = CUDAExtension("libra_kernels._C", sources, include_dirs=include_dirs,
                             define_macros=[("LIBRA_WITH_CUDA", "1")],
