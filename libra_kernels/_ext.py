@@ -43,3 +43,15 @@ def has_kernel(op_name: str, device: torch.device) -> bool:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"libra::{op_name}", key)
+
+
+def cpp_kernel_unavailable(op_name: str):
+    """The ``unavailable(device)`` check of a "cpp" backend whose kernel is ``torch.ops.libra.<op_name>``: returns
+    why it cannot run on a device ("" when it can)."""
+    def unavailable(device: torch.device) -> str:
+        if not cpp_extension_loaded():
+            return f"the C++ extension is not built; {BUILD_HINT}"
+        if not has_kernel(op_name, device):
+            return f"the C++ extension has no {device.type} kernel for {op_name}"
+        return ""
+    return unavailable

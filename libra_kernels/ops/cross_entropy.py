@@ -307,17 +307,9 @@ def _cpp_backward(grad_out, h, n_text, w_text, w_vision, labels, lse, needs, opt
     return dh, d_w_text, d_w_vision if need_w_vision else h.new_empty(0)
 
 
-def _cpp_unavailable(device: torch.device) -> str:
-    if not _ext.cpp_extension_loaded():
-        return f"the C++ extension is not built; {_ext.BUILD_HINT}"
-    if not _ext.has_kernel("linear_cross_entropy", device):
-        return f"the C++ extension was built without {device.type} kernels"
-    return ""
-
-
 TABLE = KernelTable(OP, auto_order={"cpu": ("cpp",), "cuda": ("cpp",)})
 TABLE.register("torch", Kernel(_torch_forward, _torch_backward, always_available))
-TABLE.register("cpp", Kernel(_cpp_forward, _cpp_backward, _cpp_unavailable))
+TABLE.register("cpp", Kernel(_cpp_forward, _cpp_backward, _ext.cpp_kernel_unavailable("linear_cross_entropy")))
 
 
 # ---- registered operators, fakes and autograd

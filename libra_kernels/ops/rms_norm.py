@@ -73,14 +73,6 @@ def _torch_backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad,
     return dx.to(x.dtype), dw_text, dw_vision
 
 
-def _cpp_unavailable(device: torch.device) -> str:
-    if not _ext.cpp_extension_loaded():
-        return f"the C++ extension is not built; {_ext.BUILD_HINT}"
-    if not _ext.has_kernel("routed_add_rms_norm_fwd", device):
-        return f"the C++ extension was built without {device.type} kernels"
-    return ""
-
-
 class _Backends(KernelTable):
     """The kernel table, plus the fused-add forward of each backend (``add_forward[name]``)."""
 
@@ -93,7 +85,8 @@ TABLE = _Backends()
 TABLE.register("torch", Kernel(_torch_forward, _torch_backward, always_available))
 TABLE.add_forward["torch"] = _torch_add_forward
 TABLE.register("cpp", Kernel(lambda *a: torch.ops.libra.routed_rms_norm_fwd(*a),
-                             lambda *a: torch.ops.libra.routed_rms_norm_bwd(*a), _cpp_unavailable))
+                             lambda *a: torch.ops.libra.routed_rms_norm_bwd(*a),
+                             _ext.cpp_kernel_unavailable("routed_add_rms_norm_fwd")))
 TABLE.add_forward["cpp"] = lambda *a: torch.ops.libra.routed_add_rms_norm_fwd(*a)
 
 

@@ -87,18 +87,11 @@ def _torch_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, has_
     return dx, d_w_text, d_a, d_b
 
 
-def _cpp_unavailable(device: torch.device) -> str:
-    if not _ext.cpp_extension_loaded():
-        return f"the C++ extension is not built; {_ext.BUILD_HINT}"
-    if not _ext.has_kernel("routed_projections_fwd", device):
-        return f"the C++ extension has no {device.type} kernel for routed_projections"
-    return ""
-
-
 TABLE = KernelTable(OP, auto_order={"cpu": ("cpp",), "cuda": ("cpp",)})
 TABLE.register("torch", Kernel(_torch_forward, _torch_backward, always_available))
 TABLE.register("cpp", Kernel(lambda *a: torch.ops.libra.routed_projections_fwd(*a),
-                             lambda *a: torch.ops.libra.routed_projections_bwd(*a), _cpp_unavailable))
+                             lambda *a: torch.ops.libra.routed_projections_bwd(*a),
+                             _ext.cpp_kernel_unavailable("routed_projections_fwd")))
 
 
 @torch.library.custom_op("libra::routed_projections", mutates_args=())
