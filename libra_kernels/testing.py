@@ -164,3 +164,20 @@ def check_against_reference(op: Callable, reference: Callable, inputs: dict, dty
     for key in grad_inputs:
         assert_close_to_ref(actual_grads[key], expected_grads[key], None if same is None else same[1][key], dtype,
                             f"{prefix}grad of {key}")
+
+
+def assert_graph_replays_like_eager(fn: Callable, args: tuple, grad: torch.Tensor, replays: int = 2) -> None:
+    """Capture ``fn(*args)`` (float32 CUDA leaves) with ``torch.cuda.make_graphed_callables`` and replay it on fresh
+    inputs: output and every input gradient must equal an eager call of ``fn`` within the float32 floor (the same
+    kernels on the same inputs). Replayed more than once, so the graph cannot depend on state left by the capture."""
+    graphed = torch.cuda.make_graphed_callables(fn, args)
+    for _ in range(replays):
+        fresh = [t.detach().clone().normal_().requires_grad_() for t in args]
+        out = graphed(*fresh)
+        out.backward(grad)
+        eager_leaves = [t.detach().requires_grad_() for t in fresh]
+        expected = fn(*eager_leaves)
+        expected.backward(grad)
+        assert_close_to_ref(out, expected, None, torch.float32, "graphed output")
+        for i, (got, want) in enumerate(zip(fresh, eager_leaves)):
+            assert_close_to_ref(got.grad, want.grad, None, torch.float32, f"graphed grad {i}")

@@ -7,7 +7,7 @@ from backends import RMS_NORM
 from libra_kernels import routed_rms_norm
 from libra_kernels.ops import rms_norm as norm_module
 from libra_kernels.ops.rms_norm import routed_rms_norm_ref
-from libra_kernels.testing import assert_close_to_ref, check_against_reference
+from libra_kernels.testing import assert_close_to_ref, assert_graph_replays_like_eager, check_against_reference
 
 
 def rms_norm_by_rows(x, n_text, w_text, w_vision, eps):
@@ -262,18 +262,8 @@ def test_cuda_graph_capture():
     inputs = cuda_inputs(1029, 4096, 311, residual=True)
     args = tuple(inputs[k].float().requires_grad_() for k in ("x", "residual", "w_text", "w_vision"))
     fn = lambda x, r, wt, wv: torch.stack(routed_rms_norm(x, 311, wt, wv, 1e-6, r, backend="cpp"))
-    graphed = torch.cuda.make_graphed_callables(fn, args)
     grad = torch.randn(2, 1029, 4096, device="cuda")
-    for _ in range(2):
-        fresh = [t.detach().clone().normal_().requires_grad_() for t in args]
-        out = graphed(*fresh)
-        out.backward(grad)
-        eager_leaves = [t.detach().requires_grad_() for t in fresh]
-        expected = fn(*eager_leaves)
-        expected.backward(grad)
-        assert_close_to_ref(out, expected, None, torch.float32, "graphed output")
-        for i, (got, want) in enumerate(zip(fresh, eager_leaves)):
-            assert_close_to_ref(got.grad, want.grad, None, torch.float32, f"graphed grad {i}")
+    assert_graph_replays_like_eager(fn, args, grad)
 
 
 @pytest.mark.parametrize("backend", RMS_NORM)

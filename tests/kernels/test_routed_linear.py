@@ -7,7 +7,7 @@ from backends import ROUTED_LINEAR
 from libra_kernels import routed_linear
 from libra_kernels.ops import routed_linear as linear_module
 from libra_kernels.ops.routed_linear import routed_linear_ref
-from libra_kernels.testing import assert_close_to_ref, check_against_reference
+from libra_kernels.testing import assert_close_to_ref, assert_graph_replays_like_eager, check_against_reference
 
 
 def linear_by_rows(x, n_text, w_text, w_vision_a, w_vision_b=None):
@@ -220,19 +220,8 @@ def test_cuda_graph_capture(rank):
     x, w_text, a, b = cuda_leaves(rank, torch.float32)
     args = tuple(t for t in (x, w_text, a, b) if t is not None)
     fn = lambda x, w_text, a, *b: routed_linear(x, 97, w_text, a, *b, backend="cpp")
-    graphed = torch.cuda.make_graphed_callables(fn, args)
     grad = torch.randn(1031, 384, device="cuda")
-    for _ in range(2):  # replay twice: the graph must not depend on state left by the capture
-        fresh = [t.detach().clone().normal_().requires_grad_() for t in args]
-        out = graphed(*fresh)
-        out.backward(grad)
-        eager_leaves = [t.detach().requires_grad_() for t in fresh]
-        expected = fn(*eager_leaves)
-        expected.backward(grad)
-        # The same kernels on the same inputs: only the floor of the tolerance rule is allowed.
-        assert_close_to_ref(out, expected, None, torch.float32, "graphed output")
-        for i, (got, want) in enumerate(zip(fresh, eager_leaves)):
-            assert_close_to_ref(got.grad, want.grad, None, torch.float32, f"graphed grad {i}")
+    assert_graph_replays_like_eager(fn, args, grad)
 
 
 @pytest.mark.parametrize("backend", ROUTED_LINEAR)
