@@ -105,6 +105,30 @@ def test_backend_matches_torch_reference_values_and_grads(backend):
         assert_close_to_ref(grads[name], grads64[name], grads32[name], torch.float32, name)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_model_matches_torch_reference_values_and_grads(dtype):
+    """The whole model on CUDA with the fast backends ("auto") against its float64 reference on the CPU; the same
+    model on CUDA with the "torch" backend in ``dtype`` sets the allowed error."""
+    exact = build(torch.float64, backend="torch")
+    same = build(dtype, backend="torch").cuda()
+    fast = build(dtype, backend="auto").cuda()
+    batch = make_batch(exact.config, 3, 61, padding=[0, 5, 0])
+    results = []
+    for model in (exact, same, fast):
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) for k, v in forward_inputs(batch).items()}
+        inputs["contiguous_signal"] = inputs["contiguous_signal"].to(next(model.parameters()).dtype)
+        out = model(**inputs, labels=batch["labels"].to(device))
+        out.loss.backward()
+        results.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss64, grads64), (loss_same, grads_same), (loss, grads) = results
+    assert_close_to_ref(loss.cpu(), loss64, loss_same.cpu(), dtype, "loss")
+    assert grads.keys() == grads64.keys()
+    for name in grads64:
+        assert_close_to_ref(grads[name].cpu(), grads64[name], grads_same[name].cpu(), dtype, name)
+
+
 def zero_bridges(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
