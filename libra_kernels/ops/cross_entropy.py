@@ -319,17 +319,20 @@ TABLE.register("cpp", Kernel(_cpp_forward, _cpp_backward, _ext.cpp_kernel_unavai
 def discrete_token_cross_entropy_op(h: torch.Tensor, n_text: int, w_text: torch.Tensor, w_vision: torch.Tensor,
                                     labels: torch.Tensor, ignore_index: int, reduction: str, label_smoothing: float,
                                     z_loss_weight: float, needs: list[bool], chunk_elements: int, group_name: str,
-                                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                           torch.Tensor, torch.Tensor]:
+                                    backend: str, check_labels: bool = True
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]:
     """Registered operator. Returns (loss, z_loss, dh, dw_text, dw_vision, lse): loss and z_loss are [] for
     "mean"/"sum" and [C, T] for "none" (float32, float64 for float64 h); dh [T, hidden], dw_text [V/tp, hidden],
     dw_vision [C, Vv, hidden] are the gradients for grad_output = 1 of the inputs flagged in ``needs`` (h, w_text,
     w_vision) when reduction is "mean"/"sum", else [0]; lse [C, T] is each element's log-sum-exp."""
     opts = _Options(ignore_index, reduction, label_smoothing, z_loss_weight, chunk_elements, group_name)
-    # Label values are checked here, inside the operator, so a compiled graph checks them too (one host read).
-    group = _group(group_name)
-    vocab = w_text.shape[0] * (dist.get_world_size(group) if group is not None else 1)
-    validate_labels(labels, n_text, vocab, w_vision.shape[1], ignore_index)
+    # Label values are checked here, inside the operator, so a compiled graph checks them too (one host read);
+    # ``check_labels=False`` skips that read for callers that validated the labels on the host already.
+    if check_labels:
+        group = _group(group_name)
+        vocab = w_text.shape[0] * (dist.get_world_size(group) if group is not None else 1)
+        validate_labels(labels, n_text, vocab, w_vision.shape[1], ignore_index)
     return TABLE.get(backend).forward(h, n_text, w_text, w_vision, labels, tuple(needs), opts)
 
 
@@ -351,7 +354,7 @@ def _fake_grads(h, w_text, w_vision, needs):
 
 @discrete_token_cross_entropy_op.register_fake
 def _fake_forward(h, n_text, w_text, w_vision, labels, ignore_index, reduction, label_smoothing, z_loss_weight,
-                  needs, chunk_elements, group_name, backend):
+                  needs, chunk_elements, group_name, backend, check_labels=True):
     stat = _loss_dtype(h.dtype)
     shape = tuple(labels.shape) if reduction == "none" else ()
     grads = _fake_grads(h, w_text, w_vision, needs if reduction != "none" else (False, False, False))
@@ -379,7 +382,7 @@ if _ext.cpp_extension_loaded():
 
 
 def _setup_context(ctx, inputs, output):
-    h, n_text, w_text, w_vision, labels, ignore_index, reduction, eps, z_weight, needs, chunk, group, backend = inputs
+    h, n_text, w_text, w_vision, labels, ignore_index, reduction, eps, z_weight, needs, chunk, group, backend, _ = inputs
     _, _, dh, d_w_text, d_w_vision, lse = output
     ctx.save_for_backward(h, w_text, w_vision, labels, lse, dh, d_w_text, d_w_vision)
     ctx.args = (n_text, ignore_index, reduction, eps, z_weight, needs, chunk, group, backend)
@@ -400,7 +403,7 @@ def _backward(ctx, grad_loss, *_unused):
     n_text, ignore_index, reduction, eps, z_weight, needs, chunk, group, backend = ctx.args
     wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
     if grad_loss is None or not any(wanted):
-        return (None,) * 13
+        return (None,) * 14
     if reduction == "none":
         grads = discrete_token_cross_entropy_backward_op(grad_loss.contiguous(), h, n_text, w_text, w_vision, labels,
                                                          lse, ignore_index, eps, z_weight, wanted, chunk, group,
@@ -417,7 +420,7 @@ def _backward(ctx, grad_loss, *_unused):
         scale = torch.Tensor.mul_ if in_place else torch.mul
         grads = [scale(g, grad_loss) if want else None for g, want in zip(computed, wanted)]
     dh, d_w_text, d_w_vision = (g if want else None for g, want in zip(grads, wanted))
-    return (dh, None, d_w_text, d_w_vision) + (None,) * 9
+    return (dh, None, d_w_text, d_w_vision) + (None,) * 10
 
 
 discrete_token_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -503,7 +506,7 @@ def discrete_token_cross_entropy(h: torch.Tensor, n_text: int, w_text: torch.Ten
                                  labels: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean",
                                  label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
                                  return_z_loss: bool = False, process_group=None, chunk_elements: int | None = None,
-                                 backend: str = "auto"):
+                                 check_label_values: bool = True, backend: str = "auto"):
     """Libra's loss over the text vocabulary and the visual codebooks on sorted hidden states.
 
     Args:
@@ -520,6 +523,9 @@ def discrete_token_cross_entropy(h: torch.Tensor, n_text: int, w_text: torch.Ten
             rank gets the full loss and gradient of h; the text rows' partial gradients of h are all-reduced here,
             so h must not pass through another gradient all-reduce for this loss.
         chunk_elements: most elements of the "cpp" backend's logits buffer (None: 2^23).
+        check_label_values: check the label values (modality, range, equal text rows) with one device-to-host read;
+            pass False only when the caller guarantees them (a collator that validated them on the host), to keep
+            a training step free of host syncs.
         backend: "auto", "torch" or "cpp".
     Returns:
         the loss in float32 (float64 for float64 h): [] or [C, T] for "none"; with return_z_loss, (loss, z_loss).
@@ -533,5 +539,6 @@ def discrete_token_cross_entropy(h: torch.Tensor, n_text: int, w_text: torch.Ten
     needs = [torch.is_grad_enabled() and t.requires_grad for t in (h, w_text, w_vision)]
     loss, z_loss, *_ = discrete_token_cross_entropy_op(h, n_text, w_text, w_vision, labels, ignore_index, reduction,
                                                        float(label_smoothing), float(z_loss_weight), needs,
-                                                       chunk_elements or 0, group_name, name)
+                                                       chunk_elements or 0, group_name, name,
+                                                       bool(check_label_values))
     return (loss, z_loss.detach()) if return_z_loss else loss

@@ -390,3 +390,18 @@ def test_cuda_offsets_beyond_int32():
     assert_close_to_ref(loss.detach().cpu().double(), total, None, torch.bfloat16, "loss")
     assert_close_to_ref(leaves[0].grad[:n_text], expected_dh, None, torch.bfloat16, "grad of h (text rows)")
     assert_close_to_ref(leaves[1].grad, expected_dw, None, torch.bfloat16, "grad of w_text")
+
+
+@pytest.mark.parametrize("backend", CROSS_ENTROPY)
+def test_label_value_check_can_be_skipped(backend):
+    inputs = make_inputs(6, 7, 8, 15, 5, 2)
+    h, w_text, w_vision = (inputs[k].float() for k in ("h", "w_text", "w_vision"))
+    labels = inputs["labels"]
+    bad = labels.clone()
+    bad[0, 0] = 15 + 3  # a codebook id on a text row
+    with pytest.raises(ValueError, match="text row has a vision label"):
+        discrete_token_cross_entropy(h, 6, w_text, w_vision, bad, backend=backend)
+    # Trusted labels: no check, and the same loss as the checked call on valid labels.
+    checked = discrete_token_cross_entropy(h, 6, w_text, w_vision, labels, backend=backend)
+    trusted = discrete_token_cross_entropy(h, 6, w_text, w_vision, labels, check_label_values=False, backend=backend)
+    torch.testing.assert_close(trusted, checked, rtol=0, atol=0)
