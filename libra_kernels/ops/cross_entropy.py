@@ -382,7 +382,8 @@ if _ext.cpp_extension_loaded():
 
 
 def _setup_context(ctx, inputs, output):
-    h, n_text, w_text, w_vision, labels, ignore_index, reduction, eps, z_weight, needs, chunk, group, backend, _ = inputs
+    h, n_text, w_text, w_vision, labels, ignore_index, reduction, eps, z_weight, needs, chunk, group, backend = (
+        inputs[:13])
     _, _, dh, d_w_text, d_w_vision, lse = output
     ctx.save_for_backward(h, w_text, w_vision, labels, lse, dh, d_w_text, d_w_vision)
     ctx.args = (n_text, ignore_index, reduction, eps, z_weight, needs, chunk, group, backend)
