@@ -73,9 +73,13 @@ class PixelDecoderConfig:
     norm_first: bool = False
 
     def __post_init__(self):
-        for name in ("embed_dim", "codebook_size", "num_codebook", "ch", "num_res_blocks", "num_attn_head",
-                     "z_channels", "initial_resolution", "resolution", "out_ch"):
+        for name in ("embed_dim", "codebook_size", "num_codebook", "ch", "num_attn_head", "z_channels",
+                     "initial_resolution", "resolution", "out_ch"):
             _positive_int(name, getattr(self, name))
+        if isinstance(self.num_res_blocks, bool) or not isinstance(self.num_res_blocks, int) \
+                or self.num_res_blocks < 0:
+            raise ValueError(f"PixelDecoderConfig: num_res_blocks must be an int >= 0 (each level has "
+                             f"num_res_blocks + 1 ResBlocks), got {self.num_res_blocks!r}")
         if self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
             raise ValueError(f"PixelDecoderConfig: codebook_size must be a power of two >= 2 (LFQ codes are bits), "
                              f"got {self.codebook_size}")
