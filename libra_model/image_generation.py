@@ -34,11 +34,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class ImageGenerationOutput:
     """codes: int64 [C, B, P] (code values in [0, 2^K), raster order); sequences: int64 [C, B, N + P + 1] (the
-    prompt, the code ids, EOI); vision_indices: int64 [B, N + P + 1]; num_prompt_tokens: N."""
+    prompt, the code ids, EOI); vision_indices and attention_mask: int64 [B, N + P + 1] (0 at the prompt's left
+    padding); num_prompt_tokens: N."""
 
     codes: torch.Tensor
     sequences: torch.Tensor
     vision_indices: torch.Tensor
+    attention_mask: torch.Tensor
     num_prompt_tokens: int
 
 
@@ -106,7 +108,7 @@ def generate_image_codes(model, input_ids: torch.Tensor, vision_indices: torch.T
     elif not bool((attention_mask[:, -1] != 0).all()):
         raise ValueError("generate_image_codes: the prompt batch must be left-padded (attention_mask[:, -1] = 1)")
     patches = config.image_feature_resolution ** 2
-    num_codes = 2 ** (config.num_codes.bit_length() - 1)
+    num_codes = 2 ** (config.num_codes.bit_length() - 1)  # the 2^K codes the LFQ bits (and the decoder) can hold
     vocab = config.vocab_size
 
     was_training = model.training
@@ -131,7 +133,9 @@ def generate_image_codes(model, input_ids: torch.Tensor, vision_indices: torch.T
     eoi = codes_t.new_full((codebooks, batch, 1), config.eoi_token_id)
     sequences = torch.cat([input_ids, codes_t + vocab, eoi], dim=-1)
     new_indices = torch.arange(1, patches + 2, device=device).expand(batch, -1)
-    return ImageGenerationOutput(codes_t, sequences, torch.cat([vision_indices.long(), new_indices], dim=-1), length)
+    mask = torch.cat([attention_mask.long(), torch.ones_like(new_indices)], dim=-1)
+    return ImageGenerationOutput(codes_t, sequences, torch.cat([vision_indices.long(), new_indices], dim=-1), mask,
+                                 length)
 
 
 def generate_images(model, processor, prompts, *, images=None, decode: bool = True, **options):

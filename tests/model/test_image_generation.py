@@ -80,12 +80,11 @@ def test_greedy_image_is_one_complete_span_matching_a_full_forward(processor, mo
     assert [np.asarray(a).tolist() for a in images] == [np.asarray(b).tolist() for b in decoded]
 
     # Greedy decoding: each code is the argmax (over the codes) of a full forward's logits at the position before.
-    seq = out.sequences[:, :, :-1]
-    mask = torch.ones(seq.shape[1:], dtype=torch.long)
-    prompt_mask = (out.sequences[0, :, :out.num_prompt_tokens] != config.pad_token_id).long()
-    mask[:, :out.num_prompt_tokens] = prompt_mask
+    assert (out.attention_mask[:, out.num_prompt_tokens:] == 1).all()
+    assert (out.attention_mask[0, :out.num_prompt_tokens] == 0).any()  # the shorter prompt is left-padded
     with torch.no_grad():
-        logits = model(seq, out.vision_indices[:, :-1], mask).logits  # [C, B, N + P, V']
+        logits = model(out.sequences[:, :, :-1], out.vision_indices[:, :-1],
+                       out.attention_mask[:, :-1]).logits  # [C, B, N + P, V']
     start = out.num_prompt_tokens - 1
     want = logits[:, :, start:start + patches, config.vocab_size:config.vocab_size + config.num_codes].argmax(-1)
     assert torch.equal(want, out.codes)
