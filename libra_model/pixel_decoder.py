@@ -360,15 +360,19 @@ class PixelDecoder(nn.Module):
         return self.post_quant_conv.weight.dtype
 
     # ---------------------------------------------------------------------------------------------- decoding
-    def latent(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes int [C, B, P] -> the decoder input z [B, z_channels, r, r] (±1 bits, ``project_out``,
-        ``post_quant_conv``) in the module dtype."""
+    def _check_codes(self, codes) -> None:
         config = self.config
         if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
             raise TypeError("PixelDecoder: codes must be an integer tensor [C, B, P]")
         if codes.dim() != 3 or codes.shape[0] != config.num_codebook or codes.shape[2] != config.num_patches:
             raise ValueError(f"PixelDecoder: codes must be [C={config.num_codebook}, B, P={config.num_patches}] "
                              f"(the layout of codes_from_features), got {tuple(codes.shape)}")
+
+    def latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes int [C, B, P] -> the decoder input z [B, z_channels, r, r] (±1 bits, ``project_out``,
+        ``post_quant_conv``) in the module dtype."""
+        config = self.config
+        self._check_codes(codes)
         batch = codes.shape[1]
         side = config.initial_resolution
         bits = lfq_codes_to_latent(codes.to(self.device).permute(1, 2, 0), config.bits_per_codebook, self.dtype)
@@ -382,7 +386,8 @@ class PixelDecoder(nn.Module):
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size <= 0):
             raise ValueError(f"PixelDecoder.decode: batch_size must be a positive int or None, got {batch_size!r}")
-        if isinstance(codes, torch.Tensor) and codes.dim() == 3 and codes.shape[1] == 0:
+        self._check_codes(codes)
+        if codes.shape[1] == 0:
             size = self.config.resolution
             return torch.empty(0, self.config.out_ch, size, size, device=self.device, dtype=self.dtype)
         if batch_size is None or codes.shape[1] <= batch_size:
