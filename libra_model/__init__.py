@@ -23,6 +23,9 @@ _EXPORTS = {
     "CheckpointError": "libra_model.checkpoint",
     "LibraProcessor": "libra_model.processor",
     "HybridImageTokenizer": "libra_model.image_tokenizer",
+    "PixelDecoder": "libra_model.pixel_decoder",
+    "PixelDecoderConfig": "libra_model.pixel_decoder",
+    "generate_images": "libra_model.image_generation",
     "TextTokenizer": "libra_model.text",
     "build_tiny_processor_dir": "libra_model.tiny",
 }

@@ -11,9 +11,9 @@ An image goes through
    ids [C, B, P+2]; the contiguous signal is the features with a zero row at BOI and at EOI → [B, P+2, L·H_clip].
 
 Weights load from the released vision tokenizer checkpoint (a PyTorch-Lightning style ``{"state_dict": ...}``
-``.ckpt``, names of LIBRA.md Appendix A) and CLIP from an HF CLIP directory. The pixel decoder is not
-implemented: ``decoder.*`` weights are reported as ignored, and :meth:`HybridImageTokenizer.dequantize` stops at the
-``post_quant_conv`` latent.
+``.ckpt``, names of LIBRA.md Appendix A) and CLIP from an HF CLIP directory. The way back to pixels is
+:class:`libra_model.pixel_decoder.PixelDecoder`, which reads the ``decoder.*``, ``post_quant_conv.*`` and
+``quantize.project_out.*`` weights of the same checkpoint (this module reports ``decoder.*`` as ignored).
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ class HybridImageTokenizer(nn.Module):
     @torch.no_grad()
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [C, B, P] -> the decoder's input latent [B, Z, r, r]: ±1 vectors, ``project_out``, then
-        ``post_quant_conv`` (the pixel decoder itself is not implemented)."""
+        ``post_quant_conv`` (:class:`libra_model.pixel_decoder.PixelDecoder` continues to pixels)."""
         if self.post_quant_conv is None:
             raise ValueError("HybridImageTokenizer.dequantize: no post_quant_conv weights were loaded")
         channels, batch, patches = codes.shape
@@ -425,11 +425,19 @@ class HybridImageTokenizer(nn.Module):
         state["quantize.mask"] = 2 ** torch.arange(self.bits_per_codebook - 1, -1, -1)
         return state
 
-    def save_checkpoint(self, path: str | os.PathLike) -> str:
-        """Write the quantiser as a Lightning-style ``{"state_dict": ...}`` ``.ckpt`` file; returns the path."""
+    def save_checkpoint(self, path: str | os.PathLike, extra_state: dict[str, torch.Tensor] | None = None) -> str:
+        """Write the quantiser as a Lightning-style ``{"state_dict": ...}`` ``.ckpt`` file; returns the path.
+        ``extra_state`` (e.g. the pixel decoder's tensors) is written into the same state dict; for names both
+        hold (``post_quant_conv``, ``quantize.project_out``) it must hold the same values."""
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save({"state_dict": self.tokenizer_state_dict()}, path)
+        state = self.tokenizer_state_dict()
+        for key, value in (extra_state or {}).items():
+            if key in state and not torch.equal(state[key], value.detach().cpu()):
+                raise ValueError(f"HybridImageTokenizer.save_checkpoint: extra_state[{key!r}] differs from the "
+                                 f"tokenizer's own {key}")
+            state[key] = value.detach().cpu()
+        torch.save({"state_dict": state}, path)
         return path
 
     def load_checkpoint(self, state: dict | str | os.PathLike, *, strict: bool = True, load_clip: bool = False,

@@ -12,15 +12,19 @@ Directory layout read by :meth:`LibraProcessor.from_pretrained` and written by :
 
     DIR/
       processor_config.json   {"tokenizer": "tokenizer", "clip": "clip", "vision_tokenizer": "vision_tokenizer.ckpt",
+                               "pixel_decoder_config": "vision_tokenizer_config.yaml",
                                "feature_layers": [2, 10, 18, 22], "codebook_num": 2}
       config.json             the LibraConfig (optional: pass ``config=`` instead; a model directory can hold both)
       tokenizer/              HF LLaMA tokenizer files (tokenizer.json and/or tokenizer.model, tokenizer_config.json)
       clip/                   HF CLIP directory (config.json, weights, preprocessor_config.json)
       vision_tokenizer.ckpt   {"state_dict": {quant_conv.*, quantize.project_in.*, quantize.project_out.*, ...}}
+      vision_tokenizer_config.yaml   the released tokenizer YAML (optional): with it, the checkpoint's
+                              ``decoder.*`` weights load into a :class:`PixelDecoder` for :meth:`reconstruct`
 
 Paths in ``processor_config.json`` are relative to DIR unless absolute, so it can point at the released
 ``vqgan.ckpt`` and an ``openai/clip-vit-large-patch14-336`` download without copying them. Without
-``processor_config.json`` the defaults above are used.
+``processor_config.json`` the defaults above are used; a default pixel decoder YAML that is absent just means no
+pixel decoder.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from collections.abc import Sequence
 import torch
 
 from .config import LibraConfig
-from .image_tokenizer import DEFAULT_FEATURE_LAYERS, HybridImageTokenizer, preprocess_images
+from .image_tokenizer import (
+    DEFAULT_FEATURE_LAYERS,
+    HybridImageTokenizer,
+    preprocess_images,
+    read_vision_tokenizer_checkpoint,
+)
+from .pixel_decoder import PixelDecoder
 from .text import (
     CODE_PLACEHOLDER,
     IGNORE_INDEX,
@@ -48,7 +58,8 @@ from .text import (
 )
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
-DEFAULT_LAYOUT = {"tokenizer": "tokenizer", "clip": "clip", "vision_tokenizer": "vision_tokenizer.ckpt"}
+DEFAULT_LAYOUT = {"tokenizer": "tokenizer", "clip": "clip", "vision_tokenizer": "vision_tokenizer.ckpt",
+                  "pixel_decoder_config": "vision_tokenizer_config.yaml"}
 TEMPLATES = ("v1", "caption", None)
 
 
@@ -66,9 +77,12 @@ class LibraProcessor:
         image_tokenizer: a :class:`HybridImageTokenizer`, or None for text-only use.
         config: the model's ``LibraConfig``; the tokenizers must agree with it (vocab sizes, codebooks, image
             length, signal width), else ValueError.
+        pixel_decoder: a :class:`PixelDecoder` for :meth:`reconstruct` and decoding generated images, or None;
+            its codebooks and code grid must match the config's.
     """
 
-    def __init__(self, text_tokenizer, image_tokenizer: HybridImageTokenizer | None, config: LibraConfig):
+    def __init__(self, text_tokenizer, image_tokenizer: HybridImageTokenizer | None, config: LibraConfig,
+                 pixel_decoder: PixelDecoder | None = None):
         if not isinstance(config, LibraConfig):
             raise TypeError(f"LibraProcessor: config must be a LibraConfig, got {type(config).__name__}")
         if not isinstance(text_tokenizer, TextTokenizer):
@@ -90,7 +104,18 @@ class LibraProcessor:
             for name, have, want in checks:
                 if have != want:
                     raise ValueError(f"LibraProcessor: image_tokenizer {name} is {have}, the config says {want}")
+        if pixel_decoder is not None:
+            if not isinstance(pixel_decoder, PixelDecoder):
+                raise TypeError("LibraProcessor: pixel_decoder must be a PixelDecoder or None")
+            dc = pixel_decoder.config
+            checks = (("num_codebook", dc.num_codebook, config.vision_codebook_num),
+                      ("codebook_size", dc.codebook_size, config.num_codes),
+                      ("initial_resolution", dc.initial_resolution, config.image_feature_resolution))
+            for name, have, want in checks:
+                if have != want:
+                    raise ValueError(f"LibraProcessor: pixel_decoder {name} is {have}, the config says {want}")
         self.text_tokenizer, self.image_tokenizer, self.config = text_tokenizer, image_tokenizer, config
+        self.pixel_decoder = pixel_decoder
         # Kept apart from the image tokenizer so that host_copy() can drop the weights and still preprocess.
         self.image_processor = None if image_tokenizer is None else image_tokenizer.image_processor
 
@@ -99,7 +124,7 @@ class LibraProcessor:
         pickling (spawn): :meth:`encode_sample` and :meth:`collate` work, :meth:`tokenize_images` needs the
         original (on the accelerator)."""
         copy = object.__new__(LibraProcessor)
-        copy.__dict__.update(self.__dict__, image_tokenizer=None)
+        copy.__dict__.update(self.__dict__, image_tokenizer=None, pixel_decoder=None)
         return copy
 
     # ------------------------------------------------------------------------------------------------- loading
@@ -107,10 +132,11 @@ class LibraProcessor:
     def from_pretrained(cls, directory: str | os.PathLike, config: LibraConfig | None = None, *,
                         device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
                         strict: bool = True, weights_only: bool = True, **paths) -> LibraProcessor:
-        """Load the layout described in the module docstring. ``paths`` (tokenizer=, clip=, vision_tokenizer=)
-        override ``processor_config.json``; ``clip=None, vision_tokenizer=None`` (or, without a
-        ``processor_config.json``, no ``vision_tokenizer.ckpt`` in ``directory``) gives a text-only processor.
-        ``device``/``torch_dtype`` place the image tokenizer."""
+        """Load the layout described in the module docstring. ``paths`` (tokenizer=, clip=, vision_tokenizer=,
+        pixel_decoder_config=) override ``processor_config.json``; ``clip=None, vision_tokenizer=None`` (or, without
+        a ``processor_config.json``, no ``vision_tokenizer.ckpt`` in ``directory``) gives a text-only processor;
+        ``pixel_decoder_config=None`` (or an absent default YAML) gives no pixel decoder.
+        ``device``/``torch_dtype`` place the image tokenizer and the pixel decoder."""
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"LibraProcessor.from_pretrained: {directory!r} is not a directory")
@@ -121,9 +147,12 @@ class LibraProcessor:
         config_path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
         # Image paths named by processor_config.json or the caller must exist; the defaults may be absent (text-only).
         declared = os.path.isfile(config_path) or "vision_tokenizer" in paths or "clip" in paths
+        decoder_declared = "pixel_decoder_config" in paths
         if os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as handle:
-                settings.update(json.load(handle))
+                stored = json.load(handle)
+            decoder_declared = decoder_declared or "pixel_decoder_config" in stored
+            settings.update(stored)
         settings.update(paths)
         if config is None:
             config = LibraConfig.from_pretrained(directory)
@@ -132,8 +161,9 @@ class LibraProcessor:
             resolve(settings["tokenizer"]), vocab_size=config.vocab_size, bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
             newline_token_id=config.newline_token_id)
-        image = None
+        image = decoder = None
         clip_dir, checkpoint = resolve(settings["clip"]), resolve(settings["vision_tokenizer"])
+        decoder_yaml = resolve(settings.get("pixel_decoder_config"))
         if (clip_dir is None) != (checkpoint is None):
             raise ValueError(f"LibraProcessor.from_pretrained: clip ({clip_dir}) and vision_tokenizer ({checkpoint}) "
                              "must both be given or both be None")
@@ -141,13 +171,16 @@ class LibraProcessor:
             checkpoint = None
         if checkpoint is not None:
             codebooks = settings.get("codebook_num", config.vision_codebook_num)
+            state = read_vision_tokenizer_checkpoint(checkpoint, weights_only=weights_only)  # read once for both
             image = HybridImageTokenizer.from_pretrained(
-                clip_dir, checkpoint, feature_layers=settings["feature_layers"], codebook_num=codebooks,
-                text_vocab_size=config.vocab_size, strict=strict, weights_only=weights_only,
-                torch_dtype=torch_dtype)
+                clip_dir, state, feature_layers=settings["feature_layers"], codebook_num=codebooks,
+                text_vocab_size=config.vocab_size, strict=strict, torch_dtype=torch_dtype)
             if device is not None:
                 image.to(device)
-        return cls(text, image, config)
+            # A YAML that processor_config.json or the caller names must exist; the default one may be absent.
+            if decoder_yaml is not None and (decoder_declared or os.path.isfile(decoder_yaml)):
+                decoder = PixelDecoder.from_pretrained(decoder_yaml, state, device=device, torch_dtype=torch_dtype)
+        return cls(text, image, config, decoder)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write the layout of the module docstring (config.json included); returns the directory."""
@@ -160,10 +193,16 @@ class LibraProcessor:
             clip_dir = os.path.join(directory, DEFAULT_LAYOUT["clip"])
             self.image_tokenizer.clip.save_pretrained(clip_dir)
             self.image_tokenizer.image_processor.save_pretrained(clip_dir)
-            self.image_tokenizer.save_checkpoint(os.path.join(directory, DEFAULT_LAYOUT["vision_tokenizer"]))
+            extra = None
+            if self.pixel_decoder is not None:
+                self.pixel_decoder.config.save_yaml(os.path.join(directory, DEFAULT_LAYOUT["pixel_decoder_config"]))
+                extra = self.pixel_decoder.checkpoint_state_dict()
+            self.image_tokenizer.save_checkpoint(os.path.join(directory, DEFAULT_LAYOUT["vision_tokenizer"]), extra)
             settings["feature_layers"] = list(self.image_tokenizer.feature_layers)
         else:
             settings.update(clip=None, vision_tokenizer=None)
+        if self.pixel_decoder is None or self.image_tokenizer is None:
+            settings["pixel_decoder_config"] = None
         with open(os.path.join(directory, PROCESSOR_CONFIG_NAME), "w", encoding="utf-8") as handle:
             json.dump(settings, handle, indent=2)
             handle.write("\n")
@@ -346,3 +385,30 @@ class LibraProcessor:
                 codes.append(block[:, keep] - self.config.vocab_size)
             start += len(span)
         return codes
+
+    # -------------------------------------------------------------------------------------------- pixels back
+    def _decoder(self, caller: str) -> PixelDecoder:
+        if self.pixel_decoder is None:
+            raise ValueError(f"LibraProcessor.{caller}: the processor has no pixel decoder; put the released "
+                             f"vision_tokenizer_config.yaml in the processor directory (or name it as "
+                             f"pixel_decoder_config in processor_config.json) next to a checkpoint with decoder.* "
+                             f"weights")
+        return self.pixel_decoder
+
+    def decode_images(self, codes: torch.Tensor, batch_size: int | None = None) -> list:
+        """codes int [C, B, P] (code values, no vocabulary offset) -> B PIL images of the pixel decoder."""
+        decoder = self._decoder("decode_images")
+        return decoder.to_images(decoder.decode(codes, batch_size=batch_size))
+
+    @torch.no_grad()
+    def reconstruct(self, images, batch_size: int | None = None) -> list:
+        """What the model "sees": PIL images (a list, or one image) -> their codes -> the pixel decoder's PIL
+        images (``resolution`` × ``resolution``). ``batch_size`` bounds how many images are decoded at once."""
+        decoder = self._decoder("reconstruct")
+        if self.image_tokenizer is None:
+            raise ValueError("LibraProcessor.reconstruct: the processor has no image tokenizer")
+        images = _images_list(images)
+        if not images:
+            raise ValueError("LibraProcessor.reconstruct: images must be a PIL image or a non-empty list of them")
+        codes = self.image_tokenizer.tokenize(images).codes
+        return decoder.to_images(decoder.decode(codes, batch_size=batch_size))

@@ -21,6 +21,8 @@ import torch
 
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
+# Text-to-image: the marker starts an image (BOI, vision index 0) that generation then continues.
+IMAGE_GENERATION_MARKER = "<img_gen>"
 CODE_PLACEHOLDER = -1  # input id of a code position before the image tokenizer fills it
 V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
              "detailed, and polite answers to the user's questions.")
@@ -127,8 +129,9 @@ class TextTokenizer:
 # ------------------------------------------------------------------------------------------------ sample parts
 @dataclass(frozen=True)
 class Part:
-    """One piece of a sample: ``kind`` is "bos", "eos", "text" (``text`` holds the string) or "image";
-    ``target`` marks it as a training target (an image target keeps its codes and EOI, never BOI)."""
+    """One piece of a sample: ``kind`` is "bos", "eos", "text" (``text`` holds the string), "image" or "boi" (a
+    lone BOI that opens an image to generate); ``target`` marks it as a training target (an image target keeps its
+    codes and EOI, never BOI)."""
 
     kind: str
     text: str = ""
@@ -157,9 +160,31 @@ def caption_parts(caption: str, has_image: bool, *, instruction: str | None = No
 def raw_parts(text: str, num_images: int) -> list[Part]:
     """No template: ``<s>`` + text, each ``<image>`` marker replaced by an image (or, with images and no marker,
     ``<s>`` + image + "\\n" + text, the base-model prompt). Every token is a target (the cross-modal rule of
-    :func:`build_sample` still masks BOI and the first text token after each image)."""
+    :func:`build_sample` still masks BOI and the first text token after each image). A final ``<img_gen>`` ends
+    the parts with a lone BOI (see :func:`split_image_generation`)."""
     if not isinstance(text, str):
         raise TypeError(f"raw_parts: text must be a str, got {type(text).__name__}")
+    text, generate_image = split_image_generation(text)
+    parts = _raw_parts(text, num_images)
+    return parts + [Part("boi")] if generate_image else parts
+
+
+def split_image_generation(text: str) -> tuple[str, bool]:
+    """Text-to-image prompts (docs/model.md): a final ``<img_gen>`` asks for an image. Returns (the text before
+    it, with the spaces that separate it removed, True), or (text, False) without a marker. A marker anywhere else
+    raises ValueError: the image must be the last thing of the prompt, e.g. ``"a red circle\n <img_gen>"``."""
+    count = text.count(IMAGE_GENERATION_MARKER)
+    if not count:
+        return text, False
+    head = text.rstrip()
+    if count > 1 or not head.endswith(IMAGE_GENERATION_MARKER):
+        raise ValueError(f"{IMAGE_GENERATION_MARKER} must appear once, at the end of the prompt (generation "
+                         f"continues the image it opens), got {text!r:.120}")
+    # The separating spaces belong to the marker, as the released tokenizer absorbed them into the added token.
+    return head[:-len(IMAGE_GENERATION_MARKER)].rstrip(" "), True
+
+
+def _raw_parts(text: str, num_images: int) -> list[Part]:
     pieces = text.split(IMAGE_MARKER)
     parts = [Part("bos")]
     if len(pieces) == 1 and num_images:
@@ -212,6 +237,9 @@ def v1_parts(conversation, has_image: bool, *, system: str = V1_SYSTEM) -> list[
     them) and their EOS. A conversation that ends with a human turn (or a gpt turn of text None) ends with the
     generation prompt "ASSISTANT:"."""
     turns = normalize_conversation(conversation)
+    if any(text and IMAGE_GENERATION_MARKER in text for _, text in turns):
+        raise ValueError(f"v1_parts: {IMAGE_GENERATION_MARKER} is for raw text-to-image prompts (template None, "
+                         f"e.g. 'a red circle\\n <img_gen>'), not the v1 chat template")
     marked = [i for i, (role, text) in enumerate(turns) if role == "human" and IMAGE_MARKER in text]
     if marked and not has_image:
         raise ValueError(f"v1_parts: turn {marked[0]} holds {IMAGE_MARKER} but no image was given")
@@ -311,6 +339,11 @@ def build_sample(parts: Sequence[Part], tokenizer: TextTokenizer, *, image_lengt
             ids.append(tokenizer.bos_token_id if part.kind == "bos" else tokenizer.eos_token_id)
             vision.append(text_index)
             target.append(part.target and part.kind == "eos")
+            image.append(-1)
+        elif part.kind == "boi":
+            ids.append(boi)
+            vision.append(0)
+            target.append(False)
             image.append(-1)
         elif part.kind == "image":
             ids.extend([boi] + [CODE_PLACEHOLDER] * (image_length - 2) + [boi + 1])

@@ -7,10 +7,11 @@
   alphabet are then dropped by the tokenizer, so train it on the texts it will see).
 * :func:`build_tiny_clip`: a small random ``CLIPVisionModel`` (or a full ``CLIPModel`` with ``vision_model.*``
   names, like the ``openai/clip-vit-large-patch14-336`` directory) plus a ``preprocessor_config.json``.
-* :func:`build_tiny_vision_tokenizer`: random ``quant_conv``/LFQ/``post_quant_conv`` weights under the released
-  names, saved as a Lightning-style ``{"state_dict": ...}`` ``.ckpt``.
-* :func:`build_tiny_processor_dir`: all three in the :mod:`libra_model.processor` layout, sized from a
-  ``LibraConfig`` (default ``LibraConfig.tiny()``).
+* :func:`build_tiny_vision_tokenizer`: random ``quant_conv``/LFQ/``post_quant_conv`` weights and, given a
+  :class:`PixelDecoderConfig`, a random pixel decoder (``decoder.*``), under the released names, saved as a
+  Lightning-style ``{"state_dict": ...}`` ``.ckpt``; :func:`tiny_pixel_decoder_config` sizes that decoder.
+* :func:`build_tiny_processor_dir`: all of them in the :mod:`libra_model.processor` layout (with the decoder's
+  ``vision_tokenizer_config.yaml``), sized from a ``LibraConfig`` (default ``LibraConfig.tiny()``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from .config import LibraConfig
+from .pixel_decoder import PixelDecoderConfig, random_pixel_decoder
 from .processor import DEFAULT_LAYOUT, PROCESSOR_CONFIG_NAME
 from .text import V1_ROLES, V1_SYSTEM
 
@@ -119,10 +121,13 @@ def build_tiny_clip(directory: str | os.PathLike, *, image_size: int = 42, patch
 
 def build_tiny_vision_tokenizer(path: str | os.PathLike, *, feature_size: int, embed_dim: int = 16,
                                 codebook_num: int = 2, bits_per_codebook: int = 4,
-                                post_quant_channels: int | None = 16, seed: int = 0) -> str:
+                                post_quant_channels: int | None = 16, decoder: PixelDecoderConfig | None = None,
+                                seed: int = 0) -> str:
     """Write a random vision tokenizer checkpoint with the released names (``quant_conv`` Conv2d feature_size →
     embed_dim 1×1, ``quantize.project_in`` Linear embed_dim → C·K, ``quantize.project_out``, ``post_quant_conv``,
-    the ``quantize.mask`` buffer) as ``{"state_dict": ..., "epoch": 0, "global_step": 0}``; returns the path."""
+    the ``quantize.mask`` buffer, and with ``decoder`` the pixel decoder's ``decoder.*``, whose ``project_out`` and
+    ``post_quant_conv`` are then the ones written) as ``{"state_dict": ..., "epoch": 0, "global_step": 0}``;
+    returns the path."""
     for name, value in (("feature_size", feature_size), ("embed_dim", embed_dim), ("codebook_num", codebook_num),
                         ("bits_per_codebook", bits_per_codebook)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -143,10 +148,29 @@ def build_tiny_vision_tokenizer(path: str | os.PathLike, *, feature_size: int, e
     if post_quant_channels:
         state["post_quant_conv.weight"] = randn(post_quant_channels, embed_dim, 1, 1, scale=embed_dim ** -0.5)
         state["post_quant_conv.bias"] = randn(post_quant_channels, scale=0.1)
+    if decoder is not None:
+        wanted = (embed_dim, 2 ** bits_per_codebook, codebook_num, post_quant_channels)
+        have = (decoder.embed_dim, decoder.codebook_size, decoder.num_codebook, decoder.z_channels)
+        if wanted != have:
+            raise ValueError(f"build_tiny_vision_tokenizer: decoder (embed_dim, codebook_size, num_codebook, "
+                             f"z_channels) = {have} must match the tokenizer's {wanted}")
+        state.update(random_pixel_decoder(decoder, seed=seed + 1).checkpoint_state_dict())
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"state_dict": state, "epoch": 0, "global_step": 0}, path)
     return path
+
+
+def tiny_pixel_decoder_config(config: LibraConfig, image_size: int, *, embed_dim: int = 16,
+                              z_channels: int = 16) -> PixelDecoderConfig:
+    """A small decoder for ``config``'s code grid and ``image_size`` pixels: ch 32 (the least GroupNorm(32)
+    allows), three levels (widths 64, 32, 32, one ×2 step then the fractional step to ``image_size``), 1 + 1
+    ResBlocks per level, 2-head attention at the code grid."""
+    side = config.image_feature_resolution
+    return PixelDecoderConfig(embed_dim=embed_dim, codebook_size=2 ** (config.num_codes.bit_length() - 1),
+                              num_codebook=config.vision_codebook_num, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
+                              attn_resolutions=(side,), num_attn_head=2, z_channels=z_channels,
+                              initial_resolution=side, resolution=image_size)
 
 
 def tiny_clip_geometry(config: LibraConfig, feature_layers: Sequence[int] | None = None) -> dict:
@@ -169,11 +193,12 @@ def tiny_clip_geometry(config: LibraConfig, feature_layers: Sequence[int] | None
 def build_tiny_processor_dir(directory: str | os.PathLike, config: LibraConfig | None = None, *,
                              texts: str | Sequence[str] | None = None, feature_layers: Sequence[int] | None = None,
                              patch_size: int = 14, embed_dim: int = 16, full_clip: bool = False, seed: int = 0) -> str:
-    """Write a complete processor directory (tokenizer/, clip/, vision_tokenizer.ckpt, processor_config.json,
-    config.json) consistent with ``config`` (default ``LibraConfig.tiny()``): image side
-    ``image_feature_resolution · patch_size`` pixels, codebooks of ``vision_vocab_size - 2`` codes,
-    ``contiguous_signal_size`` = feature layers × CLIP width, text vocabulary of at most ``vocab_size`` ids with
-    "\\n" at ``newline_token_id``. Load it with ``LibraProcessor.from_pretrained(directory)``; returns the directory."""
+    """Write a complete processor directory (tokenizer/, clip/, vision_tokenizer.ckpt with a pixel decoder,
+    vision_tokenizer_config.yaml, processor_config.json, config.json) consistent with ``config`` (default
+    ``LibraConfig.tiny()``): image side ``image_feature_resolution · patch_size`` pixels, codebooks of
+    ``vision_vocab_size - 2`` codes, ``contiguous_signal_size`` = feature layers × CLIP width, text vocabulary of
+    at most ``vocab_size`` ids with "\\n" at ``newline_token_id``. Load it with
+    ``LibraProcessor.from_pretrained(directory)``; returns the directory."""
     config = LibraConfig.tiny() if config is None else config
     if not isinstance(config, LibraConfig):
         raise TypeError(f"build_tiny_processor_dir: config must be a LibraConfig, got {type(config).__name__}")
@@ -186,14 +211,18 @@ def build_tiny_processor_dir(directory: str | os.PathLike, config: LibraConfig |
     os.makedirs(directory, exist_ok=True)
     build_tiny_text_tokenizer(os.path.join(directory, DEFAULT_LAYOUT["tokenizer"]), texts,
                               vocab_size=config.vocab_size, newline_token_id=config.newline_token_id)
+    image_size = config.image_feature_resolution * patch_size
+    decoder = tiny_pixel_decoder_config(config, image_size, embed_dim=embed_dim)
+    decoder.save_yaml(os.path.join(directory, DEFAULT_LAYOUT["pixel_decoder_config"]))
     build_tiny_clip(os.path.join(directory, DEFAULT_LAYOUT["clip"]),
-                    image_size=config.image_feature_resolution * patch_size, patch_size=patch_size,
+                    image_size=image_size, patch_size=patch_size,
                     hidden_size=geometry["hidden_size"], num_hidden_layers=geometry["num_hidden_layers"],
                     num_attention_heads=geometry["num_attention_heads"], full_clip=full_clip, seed=seed)
     build_tiny_vision_tokenizer(os.path.join(directory, DEFAULT_LAYOUT["vision_tokenizer"]),
                                 feature_size=config.contiguous_signal_size, embed_dim=embed_dim,
                                 codebook_num=config.vision_codebook_num,
-                                bits_per_codebook=(config.vision_vocab_size - 2).bit_length() - 1, seed=seed + 1)
+                                bits_per_codebook=(config.vision_vocab_size - 2).bit_length() - 1,
+                                decoder=decoder, seed=seed + 1)
     config.save_pretrained(directory)
     settings = dict(DEFAULT_LAYOUT, feature_layers=list(geometry["feature_layers"]),
                     codebook_num=config.vision_codebook_num)

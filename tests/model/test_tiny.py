@@ -20,6 +20,7 @@ from libra_model.tiny import (
     build_tiny_text_tokenizer,
     build_tiny_vision_tokenizer,
     tiny_clip_geometry,
+    tiny_pixel_decoder_config,
 )
 
 
@@ -105,6 +106,24 @@ def test_vision_tokenizer_checkpoint_names_and_shapes(tmp_path):
     assert payload["state_dict"]["quantize.mask"].tolist() == [16, 8, 4, 2, 1]
     with pytest.raises(ValueError, match="feature_size"):
         build_tiny_vision_tokenizer(tmp_path / "bad.ckpt", feature_size=0)
+
+
+def test_vision_tokenizer_checkpoint_with_a_pixel_decoder(tmp_path):
+    from libra_model.pixel_decoder import PixelDecoder
+
+    config = LibraConfig.tiny()
+    decoder_config = tiny_pixel_decoder_config(config, 42, embed_dim=10, z_channels=7)
+    assert (decoder_config.initial_resolution, decoder_config.resolution, decoder_config.codebook_size) == (3, 42, 16)
+    path = build_tiny_vision_tokenizer(tmp_path / "vqgan.ckpt", feature_size=24, embed_dim=10, codebook_num=2,
+                                       bits_per_codebook=4, post_quant_channels=7, decoder=decoder_config)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert any(k.startswith("decoder.up.1.upsample.") for k in state)
+    decoder = PixelDecoder.from_pretrained(decoder_config, path)  # every decoder tensor present, none extra
+    assert torch.equal(decoder.post_quant_conv.weight, state["post_quant_conv.weight"])
+    assert decoder.decode(torch.zeros(2, 1, 9, dtype=torch.long)).shape == (1, 3, 42, 42)
+    with pytest.raises(ValueError, match="z_channels"):
+        build_tiny_vision_tokenizer(tmp_path / "bad.ckpt", feature_size=24, embed_dim=10, codebook_num=2,
+                                    bits_per_codebook=4, post_quant_channels=8, decoder=decoder_config)
 
 
 def test_builders_are_deterministic(tmp_path):
