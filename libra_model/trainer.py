@@ -7,7 +7,7 @@ Its defaults are the embedded default run: a tiny Libra trained on generated col
 takes a few minutes on a laptop CPU and shows a clearly falling loss. ``configs/pretrain.yaml`` and
 ``configs/sft.yaml`` hold the paper's two stages (LIBRA.md §8, §10).
 
-Step structure (``libra_model.parallel.step``): each DP replica draws ``global_batch_size / dp`` samples per step
+Step structure (``libra_model.train_step``): each DP replica draws ``global_batch_size / dp`` samples per step
 as ``grad_accum`` micro-batches of ``micro_batch_size``; the loss is Libra's loss over the whole global batch
 (``loss_normalization: global_tokens``) unless ``mean_of_microbatches`` is chosen.
 """
@@ -26,10 +26,9 @@ import torch.distributed as dist
 
 from libra_model.config import LibraConfig
 from libra_model.optim import MasterAdamW, warmup_cosine_lr
-from libra_model.parallel import checkpointing as ckpt
-from libra_model.parallel.loss import NORMALIZATIONS
+from libra_model.parallel import dcp_checkpoint as ckpt
 from libra_model.parallel.mesh import ParallelState, init_parallel, seed_everything
-from libra_model.parallel.step import train_step
+from libra_model.train_step import NORMALIZATIONS, train_step
 
 logger = logging.getLogger("libra_model.trainer")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -235,23 +234,20 @@ def freeze_language_(model) -> int:
 
 def _build_model(cfg: TrainConfig, config: LibraConfig, parallel: ParallelState, dtype: torch.dtype):
     from libra_model.model import LibraForCausalLM
-    from libra_model.parallel.layout import shard_model_
+    from libra_model.parallel.tp_plan import shard_model_
 
     if cfg.init_libra:
-        from libra_model.checkpoint import load_libra
-
-        model = load_libra(cfg.init_libra, dtype=torch.float32, backend=cfg.backend).train()
+        model = LibraForCausalLM.from_pretrained(cfg.init_libra, dtype=torch.float32, backend=cfg.backend).train()
     elif cfg.init_llama:
-        from libra_model.checkpoint import init_from_llama
-
-        model = init_from_llama(cfg.init_llama, dtype=torch.float32, backend=cfg.backend, **cfg.model_overrides)
+        model = LibraForCausalLM.from_llama(cfg.init_llama, dtype=torch.float32, backend=cfg.backend,
+                                            **cfg.model_overrides)
     else:
         # Every rank builds the same full weights from the same seed, then keeps its slice (PARALLEL.md §1(g)).
         model = LibraForCausalLM(config, backend=cfg.backend)
     if cfg.frozen_language:
         freeze_language_(model)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model = model.to(device=parallel.device)
     shard_model_(model, parallel.tp_group)
     if dtype != torch.float32:
@@ -408,7 +404,7 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
             _say(parallel, f"resumed from {last_checkpoint} at step {start_step}")
 
     metrics = _Metrics(cfg.output_dir, parallel.is_main, start_step, cfg.tensorboard)
-    from libra_model.parallel.layout import is_tp_sharded
+    from libra_model.parallel.tp_plan import is_tp_sharded
 
     full_numel = lambda p: p.numel() * (parallel.tp if is_tp_sharded(p) else 1)
     trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
@@ -493,7 +489,7 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
 
 def _debug_replicated(model, parallel: ParallelState) -> None:
     from libra_model.parallel.grads import check_replicated_equal
-    from libra_model.parallel.layout import is_tp_sharded
+    from libra_model.parallel.tp_plan import is_tp_sharded
 
     check_replicated_equal([(n, p) for n, p in model.named_parameters() if not is_tp_sharded(p)],
                            parallel.tp_group)
