@@ -205,3 +205,33 @@ def _dp_equals_doubled_batch(rank, world_size):
 
 def test_dp2_equals_one_process_with_the_doubled_batch():
     run_in_process_group(_dp_equals_doubled_batch, 2)
+
+
+def _tp_2d_equals_tp1(rank, world_size):
+    torch.set_num_threads(1)
+    parallel = init_parallel(tp=2)
+    full = tiny_model(vision_prediction_mode="2d")
+    batch = make_batch(full.config, 2, 24, [(0, 1), (1, 12)], seed=3)
+    ref, tp = clone(full), shard_model_(clone(full), parallel.tp_group)
+    assert tp.lm_head.weight.shape[0] * 2 == full.lm_head.weight.shape[0]  # the text head is vocab-parallel
+    kinds = _check_forward_and_grads(parallel, ref, tp, batch)
+    assert kinds["partial"] > 0 and kinds["sharded"] > 0
+    # The step's loss is the model's own loss, and a TP=2 step equals a TP=1 step.
+    own = full(batch["input_ids"], batch["vision_indices"], contiguous_signal=batch["contiguous_signal"],
+               labels=batch["labels"]).loss
+    micro = [slice_batch(batch, 0, 1), slice_batch(batch, 1, 2)]
+    ref, tp = clone(full), shard_model_(clone(full), parallel.tp_group)
+    _, res_ref = _train(ParallelState(), ref, micro)
+    _, res_tp = _train(parallel, tp, micro)
+    assert abs(res_ref[0].loss - float(own)) < 1e-10
+    for a, b in zip(res_ref, res_tp):
+        assert abs(a.loss - b.loss) < 1e-10 and abs(a.grad_norm - b.grad_norm) < 1e-10, (a, b)
+    assert res_tp[-1].loss < res_tp[0].loss
+    ref_params = dict(ref.named_parameters())
+    for name, param in tp.named_parameters():
+        expected = local_shard(ref_params[name].detach(), tp_rule(name), parallel.tp_group)
+        torch.testing.assert_close(param.detach(), expected, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_tp2_equals_tp1_in_2d_vision_prediction_mode():
+    run_in_process_group(_tp_2d_equals_tp1, 2)
