@@ -144,7 +144,7 @@ def _tp_equals_tp1(rank, world_size):
 
         micro = [slice_batch(batch, 0, 1), slice_batch(batch, 1, 2)]
         if frozen:
-            tp.gradient_checkpointing_enable()  # recomputation re-issues the forward "g"; results must not change
+            tp.activation_checkpointing_enable()  # recomputation re-issues the forward "g"; results must not change
         opt_ref, res_ref = _train(single, ref, micro)
         opt_tp, res_tp = _train(parallel, tp, micro)
         for a, b in zip(res_ref, res_tp):
