@@ -60,21 +60,24 @@ def global_target_counts(model, label_batches: list[torch.Tensor], dp_group) -> 
     return counts
 
 
-def forward_loss(model, batch: dict, target_counts: torch.Tensor | None) -> torch.Tensor:
+def forward_loss(model, batch: dict, target_counts: torch.Tensor | None, *, label_smoothing: float = 0.0,
+                 z_loss_weight: float = 0.0) -> torch.Tensor:
     """The loss of one micro-batch (a dict with input_ids [C, B, N], vision_indices [B, N], labels [C, B, N] and
     optionally attention_mask, contiguous_signal, layout): the model's forward without logits, then
     ``model.loss`` on its head inputs with ``target_counts`` (None: the micro-batch's own Libra mean; int [C]:
-    its share of the step's global loss). Float32 scalar (float64 for a float64 model)."""
+    its share of the step's global loss) and the loss options. Float32 scalar (float64 for a float64 model)."""
     for key in BATCH_KEYS:
         if key not in batch:
             raise ValueError(f"forward_loss: the batch has no {key!r}")
     out = model(batch["input_ids"], batch["vision_indices"], attention_mask=batch.get("attention_mask"),
                 contiguous_signal=batch.get("contiguous_signal"), return_logits=False, layout=batch.get("layout"))
-    return model.loss(out.head_inputs, out.layout, batch["labels"], target_counts=target_counts)
+    return model.loss(out.head_inputs, out.layout, batch["labels"], target_counts=target_counts,
+                      label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
 
 
 def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: float, max_grad_norm: float | None = 1.0,
-               normalization: str = "global_tokens") -> StepResult:
+               normalization: str = "global_tokens", label_smoothing: float = 0.0,
+               z_loss_weight: float = 0.0) -> StepResult:
     """Forward/backward every micro-batch (already on the device), reduce, clip, step (see the module docstring).
 
     Args:
@@ -83,6 +86,7 @@ def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: flo
         parallel: the ``ParallelState``.  lr: learning rate of this step.
         max_grad_norm: clip the global norm to this (None = no clipping).
         normalization: "global_tokens" or "mean_of_microbatches" (see the module docstring).
+        label_smoothing, z_loss_weight: options of the model's loss (``LibraForCausalLM.loss``).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"train_step: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
@@ -96,7 +100,7 @@ def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: flo
     # Loss and token count stay on the device until one transfer at the end of the step (no per-micro-batch sync).
     totals = torch.zeros(2, dtype=torch.float64, device=parallel.device)
     for batch in micro_batches:
-        loss = forward_loss(model, batch, counts)
+        loss = forward_loss(model, batch, counts, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
         if normalization == "mean_of_microbatches":
             loss = loss * weight
         loss.backward()

@@ -71,6 +71,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
     loss_normalization: str = "global_tokens"
+    label_smoothing: float = 0.0  # passed to the model's loss (LibraForCausalLM.loss)
+    z_loss_weight: float = 0.0
     frozen_language: bool = False  # stage 1: only parameters named "*vision*" train (LIBRA.md §1.4)
     precision: str = "auto"  # "auto" = bf16 compute on CUDA, fp32 on the CPU; master weights are always fp32
     activation_checkpointing: bool = False
@@ -100,6 +102,12 @@ class TrainConfig:
         if self.loss_normalization not in NORMALIZATIONS:
             raise ValueError(f"TrainConfig: loss_normalization must be one of {NORMALIZATIONS}, "
                              f"got {self.loss_normalization!r}")
+        if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, (int, float)) \
+                or not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"TrainConfig: label_smoothing must be in [0, 1], got {self.label_smoothing!r}")
+        if isinstance(self.z_loss_weight, bool) or not isinstance(self.z_loss_weight, (int, float)) \
+                or not self.z_loss_weight >= 0.0:
+            raise ValueError(f"TrainConfig: z_loss_weight must be >= 0, got {self.z_loss_weight!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
@@ -445,7 +453,8 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
         lr = warmup_cosine_lr(step - 1, peak_lr=cfg.lr, warmup_steps=warmup, total_steps=cfg.max_steps,
                               min_lr=cfg.min_lr)
         result = train_step(model, optimizer, batches, parallel, lr=lr, max_grad_norm=cfg.max_grad_norm,
-                            normalization=cfg.loss_normalization)
+                            normalization=cfg.loss_normalization, label_smoothing=cfg.label_smoothing,
+                            z_loss_weight=cfg.z_loss_weight)
         if parallel.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - began

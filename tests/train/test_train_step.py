@@ -62,6 +62,19 @@ def test_train_step_lowers_the_loss(mode):
     assert results[-1].loss < results[0].loss and all(not r.skipped for r in results)
 
 
+def test_step_passes_the_loss_options():
+    model = tiny_model()
+    batch = make_batch(model.config, 2, 20, [(1, 2)], seed=10)
+    options = dict(label_smoothing=0.1, z_loss_weight=1e-3)
+    out = model(batch["input_ids"], batch["vision_indices"], contiguous_signal=batch["contiguous_signal"])
+    expected = float(model.loss(out.head_inputs, out.layout, batch["labels"], **options))
+    plain = float(model.loss(out.head_inputs, out.layout, batch["labels"]))
+    result = train_step(model, MasterAdamW(model, master_dtype=torch.float64), [batch], ParallelState(), lr=1e-3,
+                        **options)
+    assert result.loss == pytest.approx(expected, rel=1e-12)
+    assert abs(expected - plain) > 1e-3
+
+
 def test_loss_options_reach_the_operator():
     model = tiny_model(vision_prediction_mode="2d")
     batch = make_batch(model.config, 2, 20, [(0, 3)], seed=7)

@@ -28,6 +28,10 @@ def test_config_sources_and_errors(tmp_path):
         TrainConfig.from_sources(None, {"max_steps": 0})
     with pytest.raises(ValueError, match="loss_normalization"):
         TrainConfig.from_sources(None, {"loss_normalization": "mean"})
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TrainConfig.from_sources(None, {"label_smoothing": 1.5})
+    with pytest.raises(ValueError, match="z_loss_weight"):
+        TrainConfig.from_sources(None, {"z_loss_weight": -1.0})
     assert parse_set(["tp=2", "lr=1e-4", "data_shards=/d/{0..3}.tar", "model_overrides={a: 1}"]) == \
         {"tp": 2, "lr": 1e-4, "data_shards": "/d/{0..3}.tar", "model_overrides": {"a": 1}}
     with pytest.raises(ValueError, match="key=value"):
