@@ -1,5 +1,5 @@
 """The Libra model on the fused operators of ``libra_kernels``: configuration, modules, tokenizers, checkpoint
-import/export, generation, data pipelines and the tensor-parallel trainer.
+import/export, decoding, data pipelines and the tensor-parallel trainer.
 
 The main names are importable from here (loaded on first use, so ``import libra_model.config`` stays light)::
 
@@ -15,12 +15,12 @@ _EXPORTS = {
     "LibraForCausalLM": "libra_model.model",
     "LibraOutput": "libra_model.model",
     "BridgeKVCache": "libra_model.modules.cache",
-    "GenerationOutput": "libra_model.generation",
-    "generate": "libra_model.generation",
-    "init_from_llama": "libra_model.checkpoint",
-    "load_libra": "libra_model.checkpoint",
-    "save_pretrained": "libra_model.checkpoint",
-    "CheckpointError": "libra_model.checkpoint",
+    "GenerationOutput": "libra_model.decoding",
+    "generate": "libra_model.decoding",
+    "init_from_llama": "libra_model.model",
+    "load_libra": "libra_model.model",
+    "save_pretrained": "libra_model.hf_checkpoint",
+    "CheckpointError": "libra_model.hf_checkpoint",
     "LibraProcessor": "libra_model.processor",
     "HybridImageTokenizer": "libra_model.image_tokenizer",
     "PixelDecoder": "libra_model.pixel_decoder",

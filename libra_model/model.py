@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from libra_kernels import ModalityLayout, discrete_token_cross_entropy, routed_rms_norm
+from libra_model import hf_checkpoint
 from libra_model.config import LibraConfig
 from libra_model.modules.attention import AttentionContext, LibraAttention
 from libra_model.modules.cache import BridgeKVCache
@@ -25,6 +26,7 @@ from libra_model.modules.heads import vision_predictors_2d
 from libra_model.modules.layers import RMSNorm, check_backend, linear, op_backend
 from libra_model.modules.mlp import LibraMLP
 from libra_model.modules.rope import libra_1d_position_ids, libra_2d_position_ids, rotary_cos_sin
+from libra_model.modules.tensor_parallel import TPRule, tp_rule
 
 IGNORE_INDEX = -100
 
@@ -84,7 +86,7 @@ class LibraModel(LibraEmbeddings):
         self.layers = nn.ModuleList(LibraDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.vision_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gradient_checkpointing = False
+        self.activation_checkpointing = False
         self.backend: str | dict = "auto"
 
     def forward(self, input_ids: torch.Tensor, layout: ModalityLayout, ctx: AttentionContext,
@@ -92,9 +94,9 @@ class LibraModel(LibraEmbeddings):
         """input_ids int64 [C, B, N]; contiguous_signal [B, N, cs] or None. Returns the final routed-normed hidden
         states [T, hidden] in sorted order."""
         h = self.embed(input_ids, layout, contiguous_signal)
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if checkpointing:
+            if recompute:
                 # Non-reentrant: works with inputs that do not require grad (frozen embeddings in stage 1).
                 h = checkpoint(layer, h, ctx, use_reentrant=False)
             else:
@@ -156,9 +158,31 @@ class LibraForCausalLM(nn.Module):
         """The operator backend switch in use."""
         return self.model.backend
 
+    def activation_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Activation checkpointing: recompute each decoder layer in backward (non-reentrant
+        torch.utils.checkpoint) instead of keeping its activations."""
+        self.model.activation_checkpointing = enabled
+
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
-        """Recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint) to save activations."""
-        self.model.gradient_checkpointing = enabled
+        """HF's name for :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(enabled)
+
+    # ------------------------------------------------------------------------------------------ tensor parallelism
+    @staticmethod
+    def tensor_parallel_rule(name: str) -> TPRule:
+        """How the parameter called ``name`` (its full dotted name) is placed over a TP group: the model's sharding
+        plan (``libra_model.modules.tensor_parallel.TP_RULES``). Raises ValueError for a parameter of an
+        attention or MLP block that the plan does not cover."""
+        return tp_rule(name)
+
+    def set_tensor_parallel_group(self, group) -> None:
+        """Run the attention and MLP blocks as TP blocks over ``group`` and use a vocab-parallel text head (the
+        loss's ``process_group``); None = no tensor parallelism. The weights must already be this rank's shards
+        (``libra_model.parallel.tp_plan.shard_model_`` does both)."""
+        for module in self.modules():
+            if hasattr(module, "tp_group"):
+                module.tp_group = group
+        self.lm_head_tp_group = group
 
     def init_weights(self, only: set[str] | None = None) -> None:
         """Initialise parameters as LIBRA.md §2.3 (all of them, or only the names in ``only``): low-rank A ~ N(0,
@@ -267,19 +291,60 @@ class LibraForCausalLM(nn.Module):
         weight = self.lm_head.weight
         return weight if width == weight.shape[1] else F.pad(weight, (0, width - weight.shape[1]))
 
-    def loss(self, hidden: torch.Tensor, layout: ModalityLayout, labels: torch.Tensor,
-             ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-        """Libra's loss (LIBRA.md §5.3) from the sorted head inputs [T, width] (see ``LibraOutput.head_inputs``)
-        and unshifted labels int64 [C, B, N]: shift in sequence order (position n predicts n+1), sort with the
-        layout, then the fused discrete-token cross entropy (text head on text rows, codebook c's head on vision
-        rows)."""
+    @staticmethod
+    def shift_labels(labels: torch.Tensor, layout: ModalityLayout, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        """Unshifted labels int64 [C, B, N] -> the loss's targets [C, T] in sorted order: position n predicts label
+        n+1 (in sequence order, like HF), the last position of each sequence gets ``ignore_index``."""
         codebooks, batch, length = labels.shape
         shifted = torch.cat([labels[..., 1:], labels.new_full((codebooks, batch, 1), ignore_index)], dim=-1)
-        sorted_labels = shifted.reshape(codebooks, batch * length).index_select(1, layout.sort_index)
-        return discrete_token_cross_entropy(hidden, layout.n_text, self._text_head_weight(hidden.shape[-1]),
-                                            self.vision_lm_head.stacked_weight(), sorted_labels,
-                                            ignore_index=ignore_index, process_group=self.lm_head_tp_group,
-                                            backend=op_backend(self.backend, "discrete_token_cross_entropy"))
+        return shifted.reshape(codebooks, batch * length).index_select(1, layout.sort_index.to(labels.device))
+
+    @staticmethod
+    def target_counts(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        """int64 [C]: the number of valid (not ignored) targets of each codebook row of unshifted labels
+        [C, B, N] (the first position of a sequence is never a target). Stays on the labels' device."""
+        return (labels[..., 1:] != ignore_index).sum(dim=(1, 2))
+
+    def loss(self, hidden: torch.Tensor, layout: ModalityLayout, labels: torch.Tensor,
+             ignore_index: int = IGNORE_INDEX, *, target_counts: torch.Tensor | None = None, reduction: str = "mean",
+             label_smoothing: float = 0.0, z_loss_weight: float = 0.0) -> torch.Tensor:
+        """Libra's loss (docs/model.md) from the sorted head inputs [T, width] (``LibraOutput.head_inputs``) and
+        unshifted labels int64 [C, B, N]: :meth:`shift_labels`, then the fused discrete-token cross entropy (the
+        text head, zero-padded to the width in "2d" mode, on text rows; codebook c's head on vision rows).
+
+        Args:
+            target_counts: None, or int [C] valid-target counts of a larger batch this one is part of (the global
+                batch of a training step, see :meth:`target_counts`): the result is then this batch's share
+                (1/C) Σ_c S_c / N_c of that batch's loss, so the shares of all its parts add up to its mean loss.
+                Only with reduction "mean".
+            reduction: "mean" (Libra's loss: per codebook row, the mean over its valid targets, then the mean
+                over rows), "sum" or "none" ([C, T] per target, sorted order, 0 where ignored).
+            label_smoothing, z_loss_weight: passed to the loss operator.
+        Returns:
+            float32 (float64 for a float64 model): a scalar, or [C, T] for "none". Label values are checked (one
+            device-to-host read) unless ``check_input_values`` is False.
+        """
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"LibraForCausalLM.loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        codebooks = labels.shape[0]
+        if target_counts is not None:
+            if reduction != "mean":
+                raise ValueError("LibraForCausalLM.loss: target_counts normalises a mean; use reduction='mean'")
+            if not isinstance(target_counts, torch.Tensor) or target_counts.shape != (codebooks,) \
+                    or target_counts.dtype.is_floating_point:
+                raise ValueError(f"LibraForCausalLM.loss: target_counts must be an integer tensor [C={codebooks}] "
+                                 "(LibraForCausalLM.target_counts of the whole batch)")
+        targets = self.shift_labels(labels, layout, ignore_index)
+        grid = discrete_token_cross_entropy(
+            hidden, layout.n_text, self._text_head_weight(hidden.shape[-1]), self.vision_lm_head.stacked_weight(),
+            targets, ignore_index=ignore_index, reduction="none" if target_counts is not None else reduction,
+            label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, process_group=self.lm_head_tp_group,
+            check_label_values=self.check_input_values,
+            backend=op_backend(self.backend, "discrete_token_cross_entropy"))
+        if target_counts is None:
+            return grid
+        counts = target_counts.to(device=grid.device, dtype=grid.dtype).clamp(min=1)
+        return (grid.sum(1) / counts).sum() / codebooks
 
     def _text_logits(self, h: torch.Tensor) -> torch.Tensor:
         # Text rows of "2d" head inputs are [h ; 0]: the first half alone gives the same logits.
@@ -330,23 +395,38 @@ class LibraForCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def generate(self, *args, **kwargs):
-        """Batched decoding with the bridge KV cache: see :func:`libra_model.generation.generate`."""
-        from libra_model.generation import generate
+        """Batched decoding with the bridge KV cache: see :func:`libra_model.decoding.generate`."""
+        from libra_model.decoding import generate
 
         return generate(self, *args, **kwargs)
 
     def save_pretrained(self, directory, **kwargs) -> None:
-        """Write config.json and safetensors shards: see :func:`libra_model.checkpoint.save_pretrained`."""
-        from libra_model.checkpoint import save_pretrained
-
-        save_pretrained(self, directory, **kwargs)
+        """Write config.json and safetensors shards: see :func:`libra_model.hf_checkpoint.save_pretrained`."""
+        hf_checkpoint.save_pretrained(self, directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs) -> LibraForCausalLM:
-        """Load a released Libra checkpoint or one of our saves: see :func:`libra_model.checkpoint.load_libra`."""
-        from libra_model.checkpoint import load_libra
+        """Load a released Libra checkpoint or one of our saves: see
+        :func:`libra_model.hf_checkpoint.load_pretrained`."""
+        return hf_checkpoint.load_pretrained(cls, directory, **kwargs)
 
-        return load_libra(directory, model_class=cls, **kwargs)
+    @classmethod
+    def from_llama(cls, llama_dir, **kwargs) -> LibraForCausalLM:
+        """A Libra whose language part is an HF LLaMA checkpoint: see
+        :func:`libra_model.hf_checkpoint.load_from_llama`."""
+        return hf_checkpoint.load_from_llama(cls, llama_dir, **kwargs)
+
+
+def load_libra(directory, **kwargs) -> LibraForCausalLM:
+    """``LibraForCausalLM.from_pretrained(directory, **kwargs)`` (keyword arguments: dtype, device, strict,
+    strict_config, backend, config overrides)."""
+    return LibraForCausalLM.from_pretrained(directory, **kwargs)
+
+
+def init_from_llama(llama_dir, **kwargs) -> LibraForCausalLM:
+    """``LibraForCausalLM.from_llama(llama_dir, **kwargs)`` (keyword arguments: dtype, device, backend,
+    copy_eos_to_pad, config overrides for the vision side)."""
+    return LibraForCausalLM.from_llama(llama_dir, **kwargs)
 
 
 def _check_inputs(config: LibraConfig, input_ids, vision_indices, attention_mask, contiguous_signal, labels,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from libra_model.parallel.grads import clip_coefficient, global_grad_norm, reduce_gradients_
-from libra_model.parallel.layout import is_tp_partial, is_tp_sharded
+from libra_model.parallel.tp_plan import is_tp_partial, is_tp_sharded
 
 ADAMW_BETAS = (0.9, 0.99)
 ADAMW_EPS = 1e-8

@@ -7,7 +7,7 @@ Its defaults are the embedded default run: a tiny Libra trained on generated col
 takes a few minutes on a laptop CPU and shows a clearly falling loss. ``configs/pretrain.yaml`` and
 ``configs/sft.yaml`` hold the paper's two stages (LIBRA.md §8, §10).
 
-Step structure (``libra_model.parallel.step``): each DP replica draws ``global_batch_size / dp`` samples per step
+Step structure (``libra_model.train_step``): each DP replica draws ``global_batch_size / dp`` samples per step
 as ``grad_accum`` micro-batches of ``micro_batch_size``; the loss is Libra's loss over the whole global batch
 (``loss_normalization: global_tokens``) unless ``mean_of_microbatches`` is chosen.
 """
@@ -26,10 +26,9 @@ import torch.distributed as dist
 
 from libra_model.config import LibraConfig
 from libra_model.optim import MasterAdamW, warmup_cosine_lr
-from libra_model.parallel import checkpointing as ckpt
-from libra_model.parallel.loss import NORMALIZATIONS
+from libra_model.parallel import dcp_checkpoint as ckpt
 from libra_model.parallel.mesh import ParallelState, init_parallel, seed_everything
-from libra_model.parallel.step import train_step
+from libra_model.train_step import NORMALIZATIONS, train_step
 
 logger = logging.getLogger("libra_model.trainer")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -72,6 +71,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
     loss_normalization: str = "global_tokens"
+    label_smoothing: float = 0.0  # passed to the model's loss (LibraForCausalLM.loss)
+    z_loss_weight: float = 0.0
     frozen_language: bool = False  # stage 1: only parameters named "*vision*" train (LIBRA.md §1.4)
     precision: str = "auto"  # "auto" = bf16 compute on CUDA, fp32 on the CPU; master weights are always fp32
     activation_checkpointing: bool = False
@@ -101,6 +102,12 @@ class TrainConfig:
         if self.loss_normalization not in NORMALIZATIONS:
             raise ValueError(f"TrainConfig: loss_normalization must be one of {NORMALIZATIONS}, "
                              f"got {self.loss_normalization!r}")
+        if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, (int, float)) \
+                or not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"TrainConfig: label_smoothing must be in [0, 1], got {self.label_smoothing!r}")
+        if isinstance(self.z_loss_weight, bool) or not isinstance(self.z_loss_weight, (int, float)) \
+                or not self.z_loss_weight >= 0.0:
+            raise ValueError(f"TrainConfig: z_loss_weight must be >= 0, got {self.z_loss_weight!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
@@ -235,23 +242,20 @@ def freeze_language_(model) -> int:
 
 def _build_model(cfg: TrainConfig, config: LibraConfig, parallel: ParallelState, dtype: torch.dtype):
     from libra_model.model import LibraForCausalLM
-    from libra_model.parallel.layout import shard_model_
+    from libra_model.parallel.tp_plan import shard_model_
 
     if cfg.init_libra:
-        from libra_model.checkpoint import load_libra
-
-        model = load_libra(cfg.init_libra, dtype=torch.float32, backend=cfg.backend).train()
+        model = LibraForCausalLM.from_pretrained(cfg.init_libra, dtype=torch.float32, backend=cfg.backend).train()
     elif cfg.init_llama:
-        from libra_model.checkpoint import init_from_llama
-
-        model = init_from_llama(cfg.init_llama, dtype=torch.float32, backend=cfg.backend, **cfg.model_overrides)
+        model = LibraForCausalLM.from_llama(cfg.init_llama, dtype=torch.float32, backend=cfg.backend,
+                                            **cfg.model_overrides)
     else:
         # Every rank builds the same full weights from the same seed, then keeps its slice (PARALLEL.md §1(g)).
         model = LibraForCausalLM(config, backend=cfg.backend)
     if cfg.frozen_language:
         freeze_language_(model)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model = model.to(device=parallel.device)
     shard_model_(model, parallel.tp_group)
     if dtype != torch.float32:
@@ -408,7 +412,7 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
             _say(parallel, f"resumed from {last_checkpoint} at step {start_step}")
 
     metrics = _Metrics(cfg.output_dir, parallel.is_main, start_step, cfg.tensorboard)
-    from libra_model.parallel.layout import is_tp_sharded
+    from libra_model.parallel.tp_plan import is_tp_sharded
 
     full_numel = lambda p: p.numel() * (parallel.tp if is_tp_sharded(p) else 1)
     trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
@@ -449,7 +453,8 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
         lr = warmup_cosine_lr(step - 1, peak_lr=cfg.lr, warmup_steps=warmup, total_steps=cfg.max_steps,
                               min_lr=cfg.min_lr)
         result = train_step(model, optimizer, batches, parallel, lr=lr, max_grad_norm=cfg.max_grad_norm,
-                            normalization=cfg.loss_normalization)
+                            normalization=cfg.loss_normalization, label_smoothing=cfg.label_smoothing,
+                            z_loss_weight=cfg.z_loss_weight)
         if parallel.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - began
@@ -493,7 +498,7 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
 
 def _debug_replicated(model, parallel: ParallelState) -> None:
     from libra_model.parallel.grads import check_replicated_equal
-    from libra_model.parallel.layout import is_tp_sharded
+    from libra_model.parallel.tp_plan import is_tp_sharded
 
     check_replicated_equal([(n, p) for n, p in model.named_parameters() if not is_tp_sharded(p)],
                            parallel.tp_group)

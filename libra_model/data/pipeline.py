@@ -83,15 +83,45 @@ class EncodedSource:
             raise SampleError("unencodable", f"{sample.get('key', index)}: {error}") from error
 
 
+def check_host_batch(batch: dict, config) -> None:
+    """Validate a collated host batch once, on the host, so the device step can skip every value check
+    (``check_input_values=False`` and the loss operator's label check): text positions hold text ids in [0, V),
+    vision positions hold code placeholders or the BOI/EOI ids, text ids are equal in every codebook row, and
+    every target (``target_mask`` at a real position) has the modality of the head that predicts it (the head of
+    the position before it). The codes filled in on the device by the image tokenizer are in range by
+    construction. Raises ValueError naming the first problem."""
+    from libra_model.text import CODE_PLACEHOLDER, IGNORE_INDEX, check_no_cross_modal_targets
+
+    ids, vision = batch["input_ids"], batch["vision_indices"]
+    is_vision = vision < config.max_vision_token_length
+    row = ids[0]
+    if (ids != row).any():
+        raise ValueError("check_host_batch: input_ids must hold the same ids in every codebook row before the image "
+                         "tokenizer fills the codes")
+    text_ok = (row >= 0) & (row < config.vocab_size)
+    vision_ok = (row == CODE_PLACEHOLDER) | (row == config.boi_token_id) | (row == config.eoi_token_id)
+    bad = torch.where(is_vision, ~vision_ok, ~text_ok)
+    if bad.any():
+        b, n = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"check_host_batch: input id {int(row[b, n])} at (batch {b}, position {n}) is not a "
+                         f"{'vision' if is_vision[b, n] else 'text'} id (text ids are in [0, {config.vocab_size}))")
+    targets = batch["target_mask"].bool() & batch["attention_mask"].bool()
+    labels = torch.where(targets, torch.where(row == CODE_PLACEHOLDER, config.boi_token_id, row), IGNORE_INDEX)
+    check_no_cross_modal_targets(labels, vision, vocab_size=config.vocab_size,
+                                 max_vision_token_length=config.max_vision_token_length)
+
+
 class HostCollate:
-    """List of ``EncodedSample`` -> the processor's padded host batch plus its ``layout`` (ModalityLayout)."""
+    """List of ``EncodedSample`` -> the processor's padded host batch, validated on the host
+    (:func:`check_host_batch`), plus its ``layout`` (ModalityLayout)."""
 
     def __init__(self, processor, pad_to_multiple_of: int | None = None):
         self.processor, self.pad_to_multiple_of = processor, pad_to_multiple_of
 
     def __call__(self, samples) -> dict:
-        """Pad (right) and attach the host-side modality layout."""
+        """Pad (right), validate, and attach the host-side modality layout."""
         batch = self.processor.collate(samples, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+        check_host_batch(batch, self.processor.config)
         batch["layout"] = ModalityLayout.from_vision_indices(batch["vision_indices"],
                                                              self.processor.config.max_vision_token_length)
         return batch

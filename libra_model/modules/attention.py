@@ -19,7 +19,7 @@ from libra_model.config import LibraConfig
 from libra_model.modules.cache import BridgeKVCache
 from libra_model.modules.layers import LibraLinear, linear, op_backend, routed_dropout
 from libra_model.modules.rope import apply_rotary
-from libra_model.parallel.comm import copy_to_tp_region, reduce_from_tp_region
+from libra_model.modules.tensor_parallel import copy_to_tp_region, reduce_from_tp_region
 
 
 @dataclass

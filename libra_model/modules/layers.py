@@ -39,32 +39,24 @@ def check_backend(backend) -> str | dict:
 
 
 class RMSNorm(nn.Module):
-    """Holds one RMSNorm weight [dim] (initialised to ones). Its forward normalises a plain [..., dim] tensor;
-    the routed norms of the decoder call ``routed_rms_norm`` with two such weights instead."""
+    """Holds one RMSNorm weight [dim] (initialised to ones) under its checkpoint name; the routed norms call
+    ``routed_rms_norm`` with a text and a vision weight (the module has no forward of its own)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., dim] -> [..., dim] in x's dtype (statistics in float32)."""
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
-
 
 class LibraLinear(nn.Module):
-    """Libra's low-rank linear map y = B (A x), no bias: ``weight_A`` [rank, in], ``weight_B`` [out, rank]."""
+    """Holds Libra's low-rank linear map y = B (A x), no bias: ``weight_A`` [rank, in], ``weight_B`` [out, rank];
+    the blocks call the routed operators with these weights (the module has no forward of its own)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.weight_A = nn.Parameter(torch.empty(rank, in_features))
         self.weight_B = nn.Parameter(torch.empty(out_features, rank))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out] (the model itself calls the routed operators with these weights)."""
-        return F.linear(F.linear(x, self.weight_A), self.weight_B)
 
     def extra_repr(self) -> str:
         """in/out features and rank."""

@@ -14,7 +14,7 @@ from torch import nn
 from libra_kernels import routed_linear
 from libra_model.config import LibraConfig
 from libra_model.modules.layers import LibraLinear, linear, op_backend, routed_dropout
-from libra_model.parallel.comm import copy_to_tp_region, reduce_from_tp_region
+from libra_model.modules.tensor_parallel import copy_to_tp_region, reduce_from_tp_region
 
 
 class LibraMLP(nn.Module):

@@ -9,11 +9,11 @@ from libra_dist_helpers import clone, make_batch, slice_batch, tiny_model
 
 from libra_kernels.testing import run_in_process_group
 from libra_model.optim import MasterAdamW
-from libra_model.parallel.comm import COLLECTIVES
+from libra_model.modules.tensor_parallel import COLLECTIVES, tp_rule
 from libra_model.parallel.grads import check_replicated_equal
-from libra_model.parallel.layout import is_tp_partial, is_tp_sharded, local_shard, shard_model_, tp_rule
+from libra_model.parallel.tp_plan import is_tp_partial, is_tp_sharded, local_shard, shard_model_
 from libra_model.parallel.mesh import ParallelState, init_parallel
-from libra_model.parallel.step import forward_loss, train_step
+from libra_model.train_step import forward_loss, train_step
 
 pytestmark = pytest.mark.dist
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -59,7 +59,7 @@ def _check_forward_and_grads(parallel, ref, tp, batch):
             dist.all_reduce(grad, group=group)
             kinds["partial"] += 1
         elif is_tp_sharded(param):
-            expected = local_shard(expected, name, group)
+            expected = local_shard(expected, tp_rule(name), group)
             kinds["sharded"] += 1
         else:
             replicated.append((name, grad))
@@ -105,7 +105,7 @@ def _check_blocks(parallel, full, batch):
             if is_tp_partial(param):
                 dist.all_reduce(grad, group=group)
             elif is_tp_sharded(param):
-                expected = local_shard(expected, prefix + f"{block}.{name}", group)
+                expected = local_shard(expected, tp_rule(prefix + f"{block}.{name}"), group)
             torch.testing.assert_close(grad, expected, **TOL, msg=lambda m, n=name: f"{block}.{n}: {m}")
         ref_block.zero_grad(set_to_none=True)
 
@@ -144,7 +144,7 @@ def _tp_equals_tp1(rank, world_size):
 
         micro = [slice_batch(batch, 0, 1), slice_batch(batch, 1, 2)]
         if frozen:
-            tp.gradient_checkpointing_enable()  # recomputation re-issues the forward "g"; results must not change
+            tp.activation_checkpointing_enable()  # recomputation re-issues the forward "g"; results must not change
         opt_ref, res_ref = _train(single, ref, micro)
         opt_tp, res_tp = _train(parallel, tp, micro)
         for a, b in zip(res_ref, res_tp):
@@ -154,10 +154,11 @@ def _tp_equals_tp1(rank, world_size):
         ref_params = dict(ref.named_parameters())
         replicated = []
         for name, param in tp.named_parameters():
-            expected = local_shard(ref_params[name].detach(), name, parallel.tp_group)
+            expected = local_shard(ref_params[name].detach(), tp_rule(name), parallel.tp_group)
             torch.testing.assert_close(param.detach(), expected, **TOL, msg=lambda m, n=name: f"{n}: {m}")
             if not param.requires_grad:
-                original = local_shard(dict(full.named_parameters())[name].detach(), name, parallel.tp_group)
+                original = local_shard(dict(full.named_parameters())[name].detach(), tp_rule(name),
+                                       parallel.tp_group)
                 assert torch.equal(param.detach(), original), f"frozen {name} changed"
                 assert name not in opt_tp.masters and name not in opt_tp.main_grads
             if not is_tp_sharded(param):
@@ -173,9 +174,7 @@ def _tp_equals_tp1(rank, world_size):
     out = model(batch["input_ids"], batch["vision_indices"], contiguous_signal=batch["contiguous_signal"])
     assert COLLECTIVES[("all_reduce", "forward")] == 2 * layers
     assert COLLECTIVES[("all_reduce", "backward")] == 0
-    from libra_model.parallel.loss import libra_loss
-
-    loss = libra_loss(model, out.hidden_states, out.layout, batch["labels"])
+    loss = model.loss(out.head_inputs, out.layout, batch["labels"])
     loss.backward()
     assert COLLECTIVES[("all_reduce", "backward")] == 2 * layers
     assert COLLECTIVES[("all_reduce", "forward")] == 2 * layers
@@ -206,3 +205,33 @@ def _dp_equals_doubled_batch(rank, world_size):
 
 def test_dp2_equals_one_process_with_the_doubled_batch():
     run_in_process_group(_dp_equals_doubled_batch, 2)
+
+
+def _tp_2d_equals_tp1(rank, world_size):
+    torch.set_num_threads(1)
+    parallel = init_parallel(tp=2)
+    full = tiny_model(vision_prediction_mode="2d")
+    batch = make_batch(full.config, 2, 24, [(0, 1), (1, 12)], seed=3)
+    ref, tp = clone(full), shard_model_(clone(full), parallel.tp_group)
+    assert tp.lm_head.weight.shape[0] * 2 == full.lm_head.weight.shape[0]  # the text head is vocab-parallel
+    kinds = _check_forward_and_grads(parallel, ref, tp, batch)
+    assert kinds["partial"] > 0 and kinds["sharded"] > 0
+    # The step's loss is the model's own loss, and a TP=2 step equals a TP=1 step.
+    own = full(batch["input_ids"], batch["vision_indices"], contiguous_signal=batch["contiguous_signal"],
+               labels=batch["labels"]).loss
+    micro = [slice_batch(batch, 0, 1), slice_batch(batch, 1, 2)]
+    ref, tp = clone(full), shard_model_(clone(full), parallel.tp_group)
+    _, res_ref = _train(ParallelState(), ref, micro)
+    _, res_tp = _train(parallel, tp, micro)
+    assert abs(res_ref[0].loss - float(own)) < 1e-10
+    for a, b in zip(res_ref, res_tp):
+        assert abs(a.loss - b.loss) < 1e-10 and abs(a.grad_norm - b.grad_norm) < 1e-10, (a, b)
+    assert res_tp[-1].loss < res_tp[0].loss
+    ref_params = dict(ref.named_parameters())
+    for name, param in tp.named_parameters():
+        expected = local_shard(ref_params[name].detach(), tp_rule(name), parallel.tp_group)
+        torch.testing.assert_close(param.detach(), expected, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_tp2_equals_tp1_in_2d_vision_prediction_mode():
+    run_in_process_group(_tp_2d_equals_tp1, 2)

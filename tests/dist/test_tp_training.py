@@ -17,7 +17,7 @@ pytestmark = pytest.mark.dist
 
 def _tp2_runs(rank, world_size, processor, root):
     import libra_model.trainer as trainer
-    from libra_model.parallel.layout import full_state_dict
+    from libra_model.parallel.tp_plan import full_state_dict
     from libra_model.parallel.mesh import init_parallel
 
     torch.set_num_threads(1)  # two processes on a small CPU: oversubscribed OpenMP threads spin and stall
@@ -71,7 +71,7 @@ def test_tp2_training_resume_and_load_at_tp1(processor_dir, tmp_path):
     from libra_model.config import LibraConfig
     from libra_model.model import LibraForCausalLM
     from libra_model.optim import MasterAdamW
-    from libra_model.parallel import checkpointing as ckpt
+    from libra_model.parallel import dcp_checkpoint as ckpt
     from libra_model.parallel.mesh import ParallelState
 
     path = ckpt.latest_checkpoint(str(tmp_path / "a" / "checkpoints"))

@@ -9,7 +9,7 @@ from model_fixtures import randomize_parameters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from libra_kernels.testing import assert_close_to_ref
-from libra_model.checkpoint import init_from_llama
+from libra_model import init_from_llama
 
 # HF's LlamaRMSNorm computes its statistics in float32 even for a float64 model, so float64 comparisons agree to
 # float32 rounding of the norms (about 1e-7 relative here), not to float64 rounding.

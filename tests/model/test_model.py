@@ -240,13 +240,15 @@ def test_logits_only_when_asked_or_without_labels():
     torch.testing.assert_close(model(**forward_inputs(batch), layout=layout).logits, out.logits)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_gradients():
     model = build(torch.float64).train()
     batch = make_batch(model.config, 2, 24)
+    model.gradient_checkpointing_enable()  # HF's name for the same switch
+    assert model.model.activation_checkpointing
     grads = []
     for enabled in (False, True):
         model.zero_grad()
-        model.gradient_checkpointing_enable(enabled)
+        model.activation_checkpointing_enable(enabled)
         model(**forward_inputs(batch), labels=batch["labels"]).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()

@@ -238,3 +238,38 @@ def test_shapes_are_deterministic_and_captions_describe_them():
     assert all(word in ShapesCaptions.vocabulary_text() for word in sample["caption"].split())
     with pytest.raises(ValueError, match="split"):
         ShapesCaptions(split="test")
+
+
+def test_host_collate_validates_the_batch_once_on_the_host(processor_dir):
+    from libra_model.data.pipeline import HostCollate, check_host_batch
+    from libra_model.processor import LibraProcessor
+    from libra_model.text import CODE_PLACEHOLDER
+
+    processor = LibraProcessor.from_pretrained(processor_dir)
+    config = processor.config
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    samples = [processor.encode_sample("a red square", image, template="caption"),
+               processor.encode_sample("just text", None, template="caption")]
+    batch = HostCollate(processor)(samples)
+    assert batch["layout"].n_vision == int((batch["vision_indices"] < config.max_vision_token_length).sum())
+    check_host_batch(batch, config)  # a collated batch is valid
+    in_image = batch["vision_indices"][0] < config.max_vision_token_length
+    first_code = int(in_image.nonzero()[1])  # [0] is the BOI
+    # A text id inside an image, a vision id in the text, codebook rows that differ, a cross-modal target.
+    cases = []
+    bad = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    bad["input_ids"][:, 0, first_code] = 5
+    cases.append((bad, "not a vision id"))
+    bad = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    bad["input_ids"][:, 1, 1] = CODE_PLACEHOLDER
+    cases.append((bad, "not a text id"))
+    bad = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    bad["input_ids"][1, 1, 1] += 1
+    cases.append((bad, "same ids in every codebook row"))
+    bad = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    eoi = int((batch["vision_indices"][0] == config.eoi_vision_index).nonzero()[0])
+    bad["target_mask"][0, eoi + 1] = True  # the text after EOI is predicted by a vision row
+    cases.append((bad, "follows a vision position"))
+    for case, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_host_batch(case, config)

@@ -10,7 +10,7 @@ from train_helpers import read_metrics, small_config
 import libra_model.trainer as trainer
 from libra_model.data.shapes import ShapesCaptions
 from libra_model.optim import MasterAdamW, no_weight_decay, warmup_cosine_lr
-from libra_model.parallel import checkpointing as ckpt
+from libra_model.parallel import dcp_checkpoint as ckpt
 from libra_model.trainer import TrainConfig, parse_set, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,6 +28,10 @@ def test_config_sources_and_errors(tmp_path):
         TrainConfig.from_sources(None, {"max_steps": 0})
     with pytest.raises(ValueError, match="loss_normalization"):
         TrainConfig.from_sources(None, {"loss_normalization": "mean"})
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TrainConfig.from_sources(None, {"label_smoothing": 1.5})
+    with pytest.raises(ValueError, match="z_loss_weight"):
+        TrainConfig.from_sources(None, {"z_loss_weight": -1.0})
     assert parse_set(["tp=2", "lr=1e-4", "data_shards=/d/{0..3}.tar", "model_overrides={a: 1}"]) == \
         {"tp": 2, "lr": 1e-4, "data_shards": "/d/{0..3}.tar", "model_overrides": {"a": 1}}
     with pytest.raises(ValueError, match="key=value"):
@@ -198,9 +202,8 @@ def test_loss_normalisations_against_the_models_own_loss():
     sys.path.insert(0, os.path.join(ROOT, "tests", "dist"))
     from libra_dist_helpers import make_batch, slice_batch, tiny_model
 
-    from libra_model.parallel.loss import valid_target_counts
     from libra_model.parallel.mesh import ParallelState
-    from libra_model.parallel.step import forward_loss, train_step
+    from libra_model.train_step import forward_loss, train_step
 
     model = tiny_model()
     batch = make_batch(model.config, 3, 20, [(0, 2), (2, 5)], seed=4)
@@ -209,12 +212,12 @@ def test_loss_normalisations_against_the_models_own_loss():
                 labels=batch["labels"]).loss.detach()
     torch.testing.assert_close(forward_loss(model, batch, None), own, rtol=1e-12, atol=0)
     # The global-token share of a batch that is the whole step is the same number.
-    torch.testing.assert_close(forward_loss(model, batch, valid_target_counts(batch["labels"])), own,
+    torch.testing.assert_close(forward_loss(model, batch, model.target_counts(batch["labels"])), own,
                                rtol=1e-12, atol=0)
     # Split into micro-batches, the global-token shares add up to the whole batch's loss; the mean of the
     # micro-batch means is a different number (the reference's definition).
     parts = [slice_batch(batch, 0, 1), slice_batch(batch, 1, 3)]
-    counts = valid_target_counts(batch["labels"])
+    counts = model.target_counts(batch["labels"])
     shares = sum(forward_loss(model, part, counts).detach() for part in parts)
     torch.testing.assert_close(shares, own, rtol=1e-12, atol=0)
     means = sum(forward_loss(model, part, None).detach() for part in parts) / 2

@@ -1,8 +1,20 @@
-"""One optimizer step under TP × DP with gradient accumulation (PARALLEL.md §1(h)).
+"""One optimizer step under TP × DP with gradient accumulation (docs/parallel.md).
 
 backward of each micro-batch (float32 gradient buffers) → the deferred reduction (TP-partial grads over DP×TP, the
 rest over DP) → global grad norm (no double counting of replicated parameters) → clip → AdamW → zero the buffers.
-The loss normalisation is chosen explicitly (``libra_model.parallel.loss``).
+
+The loss of each micro-batch is the model's own (``LibraForCausalLM.loss``); the step only chooses its
+normalisation. Libra's loss of one batch is L = (1/C) Σ_c S_c / N_c, with S_c the summed cross entropy of the valid
+targets of codebook row c (text targets appear in every row) and N_c their number. A step sees several
+micro-batches on several DP replicas; two definitions are offered:
+
+* ``"global_tokens"`` (the default): L computed as if the whole global batch were one batch, i.e. every micro-batch
+  contributes (1/C) Σ_c S_{c,m} / N_c with N_c the counts of the whole step (all micro-batches, all DP ranks; one
+  tiny all-reduce per step, :func:`global_target_counts`). Gradients are then summed, never averaged, over
+  micro-batches and DP. This makes the step independent of how the batch is split: DP=2 equals one process with the
+  doubled batch, and accumulation equals a bigger micro-batch.
+* ``"mean_of_microbatches"`` (the reference's HF Trainer + DeepSpeed): each micro-batch's own Libra mean, averaged
+  over the micro-batches and DP replicas (weight 1 / (accumulation · dp) each).
 """
 
 from __future__ import annotations
@@ -13,10 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from libra_model.parallel.comm import tp_world_size
-from libra_model.parallel.loss import NORMALIZATIONS, global_target_counts, libra_loss
+from libra_model.modules.tensor_parallel import COLLECTIVES, tp_world_size
 
 BATCH_KEYS = ("input_ids", "vision_indices", "labels")
+NORMALIZATIONS = ("global_tokens", "mean_of_microbatches")
 
 
 @dataclass
@@ -31,20 +43,6 @@ class StepResult:
     skipped: bool = False
 
 
-def move_batch(batch: dict, device: torch.device, dtype: torch.dtype | None = None) -> dict:
-    """The batch's tensors on ``device``; the floating contiguous signal in ``dtype`` (the model's compute dtype)."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point() and dtype is not None:
-                value = value.to(dtype)
-        elif hasattr(value, "to") and key == "layout":
-            value = value.to(device)
-        out[key] = value
-    return out
-
-
 def _real_tokens(batch: dict) -> torch.Tensor:
     mask = batch.get("attention_mask")
     if mask is None:
@@ -52,22 +50,34 @@ def _real_tokens(batch: dict) -> torch.Tensor:
     return (mask != 0).sum().to(torch.float64)
 
 
-def forward_loss(model, batch: dict, target_counts: torch.Tensor | None) -> torch.Tensor:
+def global_target_counts(model, label_batches: list[torch.Tensor], dp_group) -> torch.Tensor:
+    """int64 [C]: the model's valid-target counts (``model.target_counts``) summed over the step's micro-batches
+    (unshifted [C, B, N] labels each) and over the DP group (one all-reduce of C integers, no host read)."""
+    counts = sum(model.target_counts(labels) for labels in label_batches)
+    if tp_world_size(dp_group) > 1:
+        dist.all_reduce(counts, group=dp_group)
+        COLLECTIVES[("count_all_reduce", "step")] += 1
+    return counts
+
+
+def forward_loss(model, batch: dict, target_counts: torch.Tensor | None, *, label_smoothing: float = 0.0,
+                 z_loss_weight: float = 0.0) -> torch.Tensor:
     """The loss of one micro-batch (a dict with input_ids [C, B, N], vision_indices [B, N], labels [C, B, N] and
-    optionally attention_mask, contiguous_signal, layout); ``target_counts`` as in ``libra_loss``."""
+    optionally attention_mask, contiguous_signal, layout): the model's forward without logits, then
+    ``model.loss`` on its head inputs with ``target_counts`` (None: the micro-batch's own Libra mean; int [C]:
+    its share of the step's global loss) and the loss options. Float32 scalar (float64 for a float64 model)."""
     for key in BATCH_KEYS:
         if key not in batch:
             raise ValueError(f"forward_loss: the batch has no {key!r}")
     out = model(batch["input_ids"], batch["vision_indices"], attention_mask=batch.get("attention_mask"),
                 contiguous_signal=batch.get("contiguous_signal"), return_logits=False, layout=batch.get("layout"))
-    # The heads read ``head_inputs`` where the model provides them ("2d" vision prediction), else the hidden states.
-    head_inputs = getattr(out, "head_inputs", None)
-    head_inputs = out.hidden_states if head_inputs is None else head_inputs
-    return libra_loss(model, head_inputs, out.layout, batch["labels"], target_counts=target_counts)
+    return model.loss(out.head_inputs, out.layout, batch["labels"], target_counts=target_counts,
+                      label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
 
 
 def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: float, max_grad_norm: float | None = 1.0,
-               normalization: str = "global_tokens") -> StepResult:
+               normalization: str = "global_tokens", label_smoothing: float = 0.0,
+               z_loss_weight: float = 0.0) -> StepResult:
     """Forward/backward every micro-batch (already on the device), reduce, clip, step (see the module docstring).
 
     Args:
@@ -75,7 +85,8 @@ def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: flo
         micro_batches: this DP replica's micro-batches of the step (the same on all its TP ranks).
         parallel: the ``ParallelState``.  lr: learning rate of this step.
         max_grad_norm: clip the global norm to this (None = no clipping).
-        normalization: "global_tokens" or "mean_of_microbatches" (``libra_model.parallel.loss``).
+        normalization: "global_tokens" or "mean_of_microbatches" (see the module docstring).
+        label_smoothing, z_loss_weight: options of the model's loss (``LibraForCausalLM.loss``).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"train_step: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
@@ -84,12 +95,12 @@ def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: flo
     dp = tp_world_size(parallel.dp_group)
     counts = None
     if normalization == "global_tokens":
-        counts = global_target_counts([b["labels"] for b in micro_batches], parallel.dp_group)
+        counts = global_target_counts(model, [b["labels"] for b in micro_batches], parallel.dp_group)
     weight = 1.0 / (len(micro_batches) * dp)
     # Loss and token count stay on the device until one transfer at the end of the step (no per-micro-batch sync).
     totals = torch.zeros(2, dtype=torch.float64, device=parallel.device)
     for batch in micro_batches:
-        loss = forward_loss(model, batch, counts)
+        loss = forward_loss(model, batch, counts, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
         if normalization == "mean_of_microbatches":
             loss = loss * weight
         loss.backward()

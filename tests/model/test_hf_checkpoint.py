@@ -8,8 +8,9 @@ import torch
 from model_fixtures import make_batch, randomize_parameters
 from safetensors.torch import save_file
 
-from libra_model.checkpoint import CheckpointError, init_from_llama, load_libra, load_state_dict
+from libra_model import init_from_llama, load_libra
 from libra_model.config import LibraConfig
+from libra_model.hf_checkpoint import CheckpointError, load_state_dict
 from libra_model.model import LibraForCausalLM
 
 

@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.distributed.checkpoint as dcp
 
-from libra_model.parallel.layout import full_state_dict
+from libra_model.parallel.tp_plan import full_state_dict
 
 META_NAME = "train_meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -42,7 +42,7 @@ def _tp_mesh(parallel):
 
 def _views(model, optimizer, parallel, include_frozen: bool) -> dict:
     """The state dict DCP reads from / writes into: live tensors (masters, AdamW state) wrapped as TP views."""
-    from libra_model.parallel.layout import dcp_view
+    from libra_model.parallel.tp_plan import dcp_view
 
     mesh = _tp_mesh(parallel)
     masters = optimizer.master_params() if optimizer is not None else {}

@@ -6,7 +6,7 @@ import torch
 from model_fixtures import left_pad, make_batch, randomize_parameters
 
 from libra_model.config import LibraConfig
-from libra_model.generation import _sample, choose_tokens, constrain_logits
+from libra_model.decoding import _sample, choose_tokens, constrain_logits
 from libra_model.model import LibraForCausalLM
 from libra_model.modules.cache import BridgeKVCache
 

@@ -1,5 +1,8 @@
 """Checkpoint import and export in the HF layout: LLaMA-2 directories (to start a Libra from), released Libra
-checkpoints (LIBRA.md Appendix A) and our own saves, which use the same names so they round-trip.
+checkpoints and our own saves, which use the same names so they round-trip (docs/model.md lists them).
+
+This module sits below the model: it never imports ``libra_model.model``; the model class is passed in
+(``LibraForCausalLM.from_pretrained`` / ``from_llama`` / ``save_pretrained`` call the functions here).
 
 Weights are read from ``model.safetensors``, ``pytorch_model.bin`` or their sharded forms (with an index file
 ``*.index.json``, or shards found by name without one). Models are built on the meta device and the loaded tensors
@@ -18,7 +21,6 @@ import warnings
 import torch
 
 from libra_model.config import LibraConfig
-from libra_model.model import LibraForCausalLM
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -81,7 +83,7 @@ def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _assign(model: LibraForCausalLM, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
+def _assign(model, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
             device: torch.device | str, *, allow_missing: bool, strict: bool, source: str) -> list[str]:
     """Assign checkpoint tensors to a meta-device model; returns the names it did not find (when allowed)."""
     expected = dict(model.named_parameters())
@@ -107,7 +109,7 @@ def _assign(model: LibraForCausalLM, state: dict[str, torch.Tensor], dtype: torc
     return missing
 
 
-def _materialise(model: LibraForCausalLM, names: list[str], dtype: torch.dtype, device) -> None:
+def _materialise(model, names: list[str], dtype: torch.dtype, device) -> None:
     """Give the parameters still on the meta device real storage and initialise them (LIBRA.md §2.3)."""
     for name in names:
         module_name, _, param_name = name.rpartition(".")
@@ -125,12 +127,14 @@ def _model_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> t
     return embed.dtype if embed is not None else torch.float32
 
 
-def load_libra(directory: str, *, model_class=LibraForCausalLM, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu", strict: bool = True, strict_config: bool = False,
-               backend: str | dict = "auto", **config_overrides) -> LibraForCausalLM:
-    """Load a released Libra checkpoint or one written by :func:`save_pretrained`.
+def load_pretrained(model_class, directory: str, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu", strict: bool = True, strict_config: bool = False,
+                    backend: str | dict = "auto", **config_overrides):
+    """Load a released Libra checkpoint or one written by :func:`save_pretrained` into a new ``model_class``.
 
     Args:
+        model_class: the model class (``LibraForCausalLM`` or a subclass), built as ``model_class(config,
+            backend=backend)``.
         directory: holds config.json and the weights (safetensors or .bin; sharded with or without an index).
         dtype: cast every tensor to this dtype (default: the dtype stored for ``model.embed_tokens.weight``).
         device: where the weights go. strict: unexpected tensor names are an error (else a warning); the buffers
@@ -161,13 +165,14 @@ def llama_config_to_libra(llama_config: dict, **overrides) -> LibraConfig:
     return LibraConfig.from_dict(fields)
 
 
-def init_from_llama(llama_dir: str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                    backend: str | dict = "auto", copy_eos_to_pad: bool = False,
-                    **config_overrides) -> LibraForCausalLM:
-    """A Libra model whose language part is an HF LLaMA(-2) checkpoint and whose vision parts are freshly
-    initialised (LIBRA.md §2.3; bridges start as exact zero maps).
+def load_from_llama(model_class, llama_dir: str, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu", backend: str | dict = "auto", copy_eos_to_pad: bool = False,
+                    **config_overrides):
+    """A new ``model_class`` whose language part is an HF LLaMA(-2) checkpoint and whose vision parts are freshly
+    initialised (``init_weights``; bridges start as exact zero maps).
 
     Args:
+        model_class: the model class (``LibraForCausalLM`` or a subclass).
         llama_dir: an HF LLaMA directory (config.json + safetensors or .bin weights, sharded or not).
         dtype: the model dtype (default: that of the LLaMA embedding). device: where the model is built.
         copy_eos_to_pad: overwrite the pad row of ``embed_tokens`` with the EOS row, as the reference training
@@ -182,7 +187,7 @@ def init_from_llama(llama_dir: str, *, dtype: torch.dtype | None = None, device:
     config = llama_config_to_libra(llama_config, **config_overrides)
     state = load_state_dict(llama_dir)
     with torch.device("meta"):
-        model = LibraForCausalLM(config, backend=backend)
+        model = model_class(config, backend=backend)
     model_dtype = _model_dtype(state, dtype)
     missing = _assign(model, state, model_dtype, device, allow_missing=True, strict=True, source=llama_dir)
     language_missing = [name for name in missing if not _is_vision_parameter(name)]
@@ -210,7 +215,7 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
 
 
-def save_pretrained(model: LibraForCausalLM, directory: str, *, max_shard_size: int | str = "5GB",
+def save_pretrained(model, directory: str, *, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None) -> None:
     """Write ``config.json`` and the parameters as safetensors with the released names: one ``model.safetensors``,
     or shards ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json`` when they exceed
