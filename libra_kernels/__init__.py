@@ -1,4 +1,5 @@
-"""Fused operators for Libra: routed projections, routed RMSNorm, bridge attention and the discrete-token softmax.
+"""Fused operators for Libra: routed projections, routed RMSNorm, the routed SwiGLU tail, bridge attention and the
+discrete-token softmax.
 
 Every operator takes ``backend="auto" | "torch" | "triton" | "cpp"`` ("torch" is the PyTorch reference; "auto"
 picks the fastest available for the device; ``LIBRA_BACKEND`` changes what "auto" prefers for a whole run) and is
@@ -13,6 +14,7 @@ from libra_kernels.ops.cross_entropy import discrete_token_cross_entropy, discre
 from libra_kernels.ops.rms_norm import routed_rms_norm, routed_rms_norm_ref
 from libra_kernels.ops.routed_linear import routed_linear, routed_linear_ref
 from libra_kernels.ops.routed_projections import pack_rows, routed_projections, routed_projections_ref
+from libra_kernels.ops.routed_swiglu import routed_swiglu, routed_swiglu_ref
 
 __all__ = [
     "ModalityLayout",
@@ -28,4 +30,6 @@ __all__ = [
     "routed_projections_ref",
     "routed_rms_norm",
     "routed_rms_norm_ref",
+    "routed_swiglu",
+    "routed_swiglu_ref",
 ]
