@@ -62,15 +62,23 @@ class LibraDecoderLayer(nn.Module):
         self.vision_post_attention_layernorm = RMSNorm(hidden, eps)
         self.backend: str | dict = "auto"
 
-    def _norm(self, h: torch.Tensor, n_text: int, text: RMSNorm, vision: RMSNorm) -> torch.Tensor:
-        return routed_rms_norm(h, n_text, text.weight, vision.weight, self.config.rms_norm_eps,
+    def _norm(self, h: torch.Tensor, n_text: int, text: RMSNorm, vision: RMSNorm,
+              residual: torch.Tensor | None = None):
+        return routed_rms_norm(h, n_text, text.weight, vision.weight, self.config.rms_norm_eps, residual,
                                backend=op_backend(self.backend, "routed_rms_norm"))
+
+    def pack_(self) -> None:
+        """Pack the weights that run as one GEMM per modality (attention's q/k/v and bridge A factors, the MLP's
+        gate/up); see :meth:`LibraForCausalLM.pack_projections_`."""
+        self.self_attn.pack_()
+        self.mlp.pack_()
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """h: [T, hidden] residual stream in sorted order. Returns the updated [T, hidden]."""
         n_text = ctx.layout.n_text
-        h = h + self.self_attn(self._norm(h, n_text, self.input_layernorm, self.vision_input_layernorm), ctx)
-        x = self._norm(h, n_text, self.post_attention_layernorm, self.vision_post_attention_layernorm)
+        attn = self.self_attn(self._norm(h, n_text, self.input_layernorm, self.vision_input_layernorm), ctx)
+        # One pass adds the attention output to the residual stream and normalises the sum (h kept once).
+        x, h = self._norm(attn, n_text, self.post_attention_layernorm, self.vision_post_attention_layernorm, h)
         return h + self.mlp(x, n_text)
 
 
