@@ -122,7 +122,10 @@ class LibraAttention(nn.Module):
         else:
             q, k, v, outputs = *outputs[:3], outputs[3:]
         if self.config.use_bridge:
-            k_bridge, v_bridge = (self._bridge_up(low, n_text, side) for side, low in enumerate(outputs))
+            # The rank-r products leave the wide q/k/v buffer in one small copy: the B factors' backward keeps its
+            # input, and a view would keep the whole [T, q+k+v] buffer alive until then.
+            lows = torch.cat(outputs, dim=1).split([low.shape[1] for low in outputs], dim=1)
+            k_bridge, v_bridge = (self._bridge_up(low, n_text, side) for side, low in enumerate(lows))
         else:
             k_bridge = v_bridge = torch.zeros_like(k)
 
