@@ -106,7 +106,8 @@ NO_KERNEL_OPS = frozenset(
         "resolve_conj", "resolve_neg", "_has_compatible_shallow_copy_type", "result_type", "is_nonzero",
         "view_as", "expand_as", "contiguous", "numpy_T", "_local_scalar_dense", "set_", "resize_", "item",
         "as_strided_", "to", "unflatten", "flatten", "movedim", "diagonal", "_nested_tensor_from_mask_left_aligned"))
-GEMM_OPS = frozenset("aten::" + name for name in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot"))
+GEMM_OPS = frozenset("aten::" + name for name in ("mm", "addmm", "addmm_", "bmm", "baddbmm", "addbmm", "mv",
+                                                        "addmv", "dot"))
 # Operators counted as one kernel each, whatever they dispatch inside on the CPU: the fused attention (one launch
 # forward and one backward on a GPU, while its CPU fallback loops over head chunks).
 OPAQUE_PREFIXES = ("libra::bridge_attention", "aten::_scaled_dot_product", "aten::_efficient_attention",
@@ -117,7 +118,7 @@ def _gemm_flops(name: str, shapes: list) -> int:
     """FLOPs of one GEMM event from its recorded input shapes (0 when they cannot be read)."""
     mats = [s for s in shapes if isinstance(s, (list, tuple)) and len(s) in (2, 3)]
     try:
-        if name in ("aten::mm", "aten::addmm"):
+        if name in ("aten::mm", "aten::addmm", "aten::addmm_"):
             a, b = mats[-2], mats[-1]
             if name == "aten::mm":
                 a, b = mats[0], mats[1]

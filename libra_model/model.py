@@ -150,6 +150,8 @@ class LibraForCausalLM(nn.Module):
         self.check_input_values = True
         self.set_backend(backend)
         self.init_weights()
+        self._packed = False
+        self.register_load_state_dict_post_hook(LibraForCausalLM._repack_after_load)
 
     # ------------------------------------------------------------------------------------------ setup
     def set_backend(self, backend: str | dict) -> None:
@@ -167,6 +169,25 @@ class LibraForCausalLM(nn.Module):
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         """Recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint) to save activations."""
         self.model.gradient_checkpointing = enabled
+
+    def pack_projections_(self) -> LibraForCausalLM:
+        """Pack, in every layer, the weights that then run as one GEMM per modality: attention's q/k/v text weights
+        and the bridges' language A factors in one buffer, the vision A factors in another; the MLP's gate/up
+        likewise. Parameters keep their names, shapes, values and ``requires_grad`` (each becomes a row block of its
+        buffer), so state dicts and checkpoints keep the released layout. Call it after the model reached its
+        device and dtype and after tensor-parallel sharding (each rank packs its own shards), before creating the
+        optimizer; ``load_state_dict`` keeps the packing (with ``assign=True`` the model packs again). Returns
+        the model."""
+        for layer in self.model.layers:
+            layer.pack_()
+        self._packed = True
+        return self
+
+    @staticmethod
+    def _repack_after_load(module, incompatible_keys) -> None:
+        # load_state_dict(assign=True) puts the loaded tensors in place of the packed parameters: pack them again.
+        if getattr(module, "_packed", False):
+            module.pack_projections_()
 
     def init_weights(self, only: set[str] | None = None) -> None:
         """Initialise parameters as LIBRA.md §2.3 (all of them, or only the names in ``only``): low-rank A ~ N(0,
