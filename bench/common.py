@@ -108,10 +108,11 @@ NO_KERNEL_OPS = frozenset(
         "as_strided_", "to", "unflatten", "flatten", "movedim", "diagonal", "_nested_tensor_from_mask_left_aligned"))
 GEMM_OPS = frozenset("aten::" + name for name in ("mm", "addmm", "addmm_", "bmm", "baddbmm", "addbmm", "mv",
                                                         "addmv", "dot"))
-# Operators counted as one kernel each, whatever they dispatch inside on the CPU: the fused attention (one launch
-# forward and one backward on a GPU, while its CPU fallback loops over head chunks).
-OPAQUE_PREFIXES = ("libra::bridge_attention", "aten::_scaled_dot_product", "aten::_efficient_attention",
-                   "aten::_flash_attention", "aten::_cudnn_attention")
+# Operators counted as one kernel each, whatever they dispatch inside on the CPU: those whose GPU path is one fused
+# launch forward and one backward (bridge attention, whose CPU fallback loops over head chunks; the RoPE of q, k and
+# k_bridge, whose CPU fallback is a few ATen ops per tensor), and SDPA's fused attention.
+OPAQUE_PREFIXES = ("libra::bridge_attention", "libra::rotary", "aten::_scaled_dot_product",
+                   "aten::_efficient_attention", "aten::_flash_attention", "aten::_cudnn_attention")
 
 
 def _gemm_flops(name: str, shapes: list) -> int:

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from libra_kernels import ModalityLayout, bridge_attention, pack_rows, routed_linear, routed_projections
+from libra_kernels import ModalityLayout, bridge_attention, pack_rows, rotary, routed_linear, routed_projections
 from libra_model.config import LibraConfig
 from libra_model.modules.cache import BridgeKVCache
 from libra_model.modules.layers import LibraLinear, linear, op_backend, routed_dropout
-from libra_model.modules.rope import apply_rotary
 from libra_model.parallel.comm import copy_to_tp_region, reduce_from_tp_region
 
 
@@ -133,7 +132,11 @@ class LibraAttention(nn.Module):
             # [T, h·d] sorted -> [B, N, h, d] in sequence order; h is the local head count of this weight shard.
             return layout.unsort(t).view(batch, length, -1, self.head_dim)
 
-        q, k, k_bridge = (apply_rotary(heads(t), ctx.cos, ctx.sin) for t in (q, k, k_bridge))
+        # RoPE is linear: the key bridge term is rotated like k, all three in one operator
+        rotated = rotary([heads(q), heads(k)] + ([heads(k_bridge)] if self.config.use_bridge else []), ctx.cos,
+                         ctx.sin, backend=op_backend(self.backend, "rotary"))
+        q, k = rotated[:2]
+        k_bridge = rotated[2] if self.config.use_bridge else heads(k_bridge)
         v, v_bridge = heads(v), heads(v_bridge)
         if ctx.cache is not None:
             k, k_bridge, v, v_bridge = ctx.cache.update(self.layer_idx, k, k_bridge, v, v_bridge)

@@ -13,6 +13,7 @@ from libra_kernels.ops import (
     bridge_attention,
     cross_entropy,
     rms_norm,
+    rotary,
     routed_linear,
     routed_projections,
     routed_swiglu,
@@ -80,7 +81,7 @@ def runnable_backends():
     """Model backend switches to compare with "torch": "auto" plus each fast kernel that can run here."""
     choices = ["auto"]
     for op, module in (("routed_linear", routed_linear), ("routed_projections", routed_projections),
-                       ("routed_swiglu", routed_swiglu), ("routed_rms_norm", rms_norm),
+                       ("routed_swiglu", routed_swiglu), ("rotary", rotary), ("routed_rms_norm", rms_norm),
                        ("bridge_attention", bridge_attention), ("discrete_token_cross_entropy", cross_entropy)):
         for name, kernel in module.TABLE.kernels.items():
             if name != "torch" and not kernel.unavailable(torch.device("cpu")):
