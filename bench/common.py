@@ -134,7 +134,7 @@ def _gemm_flops(name: str, shapes: list) -> int:
 
 def kernel_census(fn: Callable[[], object]) -> dict:
     """Run ``fn`` once under the profiler and count the ATen kernels it dispatches, including those inside C++
-    operators: every leaf ATen op except views, metadata, bare allocations and no-op casts; a GEMM or a fused
+    operators: every leaf ATen or libra op except views, metadata, bare allocations and no-op casts; a GEMM or a fused
     attention operator (``OPAQUE_PREFIXES``) counts as one kernel whatever it dispatches inside on the CPU (one
     launch on a GPU). Returns {"kernels", "gemms", "gemm_flops", "by_op"}."""
     from torch.profiler import ProfilerActivity, profile
@@ -148,7 +148,9 @@ def kernel_census(fn: Callable[[], object]) -> dict:
         return event.name.startswith(OPAQUE_PREFIXES) or event.name in GEMM_OPS
 
     def is_kernel(event) -> bool:
-        return event.name.startswith("aten::") and event.name not in NO_KERNEL_OPS
+        # a libra C++ operator that dispatches no ATen kernel inside is one kernel itself (the fused norm, the
+        # layout's gathers); one that does is counted by what it dispatches
+        return event.name.startswith(("aten::", "libra::")) and event.name not in NO_KERNEL_OPS
 
     def inside_opaque(event) -> bool:
         parent = event.cpu_parent
