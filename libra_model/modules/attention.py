@@ -2,6 +2,9 @@
 token's own modality, RoPE and the fused bridge attention in sequence order, routed output projection
 (LIBRA.md §3.1).
 
+The q/k/v maps and the bridges' A factors run as one ``routed_projections`` (one GEMM per modality once
+:meth:`LibraAttention.pack_` has packed their weights); RoPE of q, k and the key bridge term is one ``rotary``.
+
 Tensor parallelism: the block calls "f" (``copy_to_tp_region``) on its replicated normed input once, before any
 projection, and "g" (``reduce_from_tp_region``) on the output of the o projection. Head counts are read from the
 (possibly sharded) weight shapes at run time, so a TP layer only has to hand it sharded weights.
@@ -120,24 +123,25 @@ class LibraAttention(nn.Module):
                         (self.v_proj, self.vision_v_proj)))
         else:
             q, k, v, outputs = *outputs[:3], outputs[3:]
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            # [T, h·d] sorted -> [B, N, h, d] in sequence order; h is the local head count of this weight shard.
+            return layout.unsort(t).view(batch, length, -1, self.head_dim)
+
+        def rope(*tensors: torch.Tensor) -> list[torch.Tensor]:
+            return rotary(list(tensors), ctx.cos, ctx.sin, backend=op_backend(self.backend, "rotary"))
+
         if self.config.use_bridge:
             # The rank-r products leave the wide q/k/v buffer in one small copy: the B factors' backward keeps its
             # input, and a view would keep the whole [T, q+k+v] buffer alive until then.
             lows = torch.cat(outputs, dim=1).split([low.shape[1] for low in outputs], dim=1)
             k_bridge, v_bridge = (self._bridge_up(low, n_text, side) for side, low in enumerate(lows))
+            # RoPE is linear: the key bridge term is rotated like k, all three in one operator
+            q, k, k_bridge = rope(heads(q), heads(k), heads(k_bridge))
+            v_bridge = heads(v_bridge)
         else:
+            q, k = rope(heads(q), heads(k))
             k_bridge = v_bridge = torch.zeros_like(k)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            # [T, h·d] sorted -> [B, N, h, d] in sequence order; h is the local head count of this weight shard.
-            return layout.unsort(t).view(batch, length, -1, self.head_dim)
-
-        # RoPE is linear: the key bridge term is rotated like k, all three in one operator
-        rotated = rotary([heads(q), heads(k)] + ([heads(k_bridge)] if self.config.use_bridge else []), ctx.cos,
-                         ctx.sin, backend=op_backend(self.backend, "rotary"))
-        q, k = rotated[:2]
-        k_bridge = rotated[2] if self.config.use_bridge else heads(k_bridge)
-        v, v_bridge = heads(v), heads(v_bridge)
+        v = heads(v)
         if ctx.cache is not None:
             k, k_bridge, v, v_bridge = ctx.cache.update(self.layer_idx, k, k_bridge, v, v_bridge)
         out = bridge_attention(q, k, v, k_bridge, v_bridge, ctx.vision_mask, causal=True,
