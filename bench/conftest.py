@@ -31,7 +31,9 @@ def device():
 
 _RESULTS: dict[str, list[dict]] = {}
 TABLE_COLUMNS = ["op", "shape", "dtype", "impl", "ms", "p20_ms", "p80_ms", "peak_mib", "tflops", "gbps", "ratio",
-                 "baseline"]
+                 "mem_ratio", "baseline", "libra_kernels", "llama_kernels", "kernels_ratio", "libra_gemms",
+                 "llama_gemms", "libra_saved_mib", "llama_saved_mib", "saved_ratio", "libra_gemm_flops_ratio",
+                 "llama_gemm_flops_ratio", "tokens_per_s", "mfu"]
 
 
 @pytest.fixture(scope="session")

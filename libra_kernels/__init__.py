@@ -1,4 +1,5 @@
-"""Fused operators for Libra: routed projections, routed RMSNorm, bridge attention and the discrete-token softmax.
+"""Fused operators for Libra: routed projections, routed RMSNorm, the routed SwiGLU tail, RoPE of q/k/k_bridge, bridge
+attention and the discrete-token softmax.
 
 Every operator takes ``backend="auto" | "torch" | "triton" | "cpp"`` ("torch" is the PyTorch reference; "auto"
 picks the fastest available for the device; ``LIBRA_BACKEND`` changes what "auto" prefers for a whole run) and is
@@ -11,8 +12,10 @@ from libra_kernels.layout import ModalityLayout
 from libra_kernels.ops.bridge_attention import bridge_attention, bridge_attention_ref
 from libra_kernels.ops.cross_entropy import discrete_token_cross_entropy, discrete_token_cross_entropy_ref
 from libra_kernels.ops.rms_norm import routed_rms_norm, routed_rms_norm_ref
+from libra_kernels.ops.rotary import rotary, rotary_ref
 from libra_kernels.ops.routed_linear import routed_linear, routed_linear_ref
 from libra_kernels.ops.routed_projections import pack_rows, routed_projections, routed_projections_ref
+from libra_kernels.ops.routed_swiglu import routed_swiglu, routed_swiglu_ref
 
 __all__ = [
     "ModalityLayout",
@@ -22,10 +25,14 @@ __all__ = [
     "discrete_token_cross_entropy",
     "discrete_token_cross_entropy_ref",
     "pack_rows",
+    "rotary",
+    "rotary_ref",
     "routed_linear",
     "routed_linear_ref",
     "routed_projections",
     "routed_projections_ref",
     "routed_rms_norm",
     "routed_rms_norm_ref",
+    "routed_swiglu",
+    "routed_swiglu_ref",
 ]

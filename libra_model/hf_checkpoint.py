@@ -215,6 +215,12 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
 
 
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself, or a copy when it is a block of a larger buffer (packed projection weights): safetensors
+    refuses tensors that share memory."""
+    return tensor if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size() else tensor.clone()
+
+
 def save_pretrained(model, directory: str, *, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None) -> None:
     """Write ``config.json`` and the parameters as safetensors with the released names: one ``model.safetensors``,
@@ -225,7 +231,8 @@ def save_pretrained(model, directory: str, *, max_shard_size: int | str = "5GB",
     limit = _parse_size(max_shard_size)
     os.makedirs(directory, exist_ok=True)
     config = model.config
-    tensors = {name: p.detach().to(dtype or p.dtype).contiguous().cpu() for name, p in model.named_parameters()}
+    tensors = {name: _own_storage(p.detach().to(dtype or p.dtype).contiguous().cpu())
+               for name, p in model.named_parameters()}
     saved_dtype = model.model.embed_tokens.weight.dtype if dtype is None else dtype
     config = LibraConfig.from_dict(config.to_dict(), torch_dtype=str(saved_dtype).removeprefix("torch."))
     config.save_pretrained(directory)

@@ -64,15 +64,23 @@ class LibraDecoderLayer(nn.Module):
         self.vision_post_attention_layernorm = RMSNorm(hidden, eps)
         self.backend: str | dict = "auto"
 
-    def _norm(self, h: torch.Tensor, n_text: int, text: RMSNorm, vision: RMSNorm) -> torch.Tensor:
-        return routed_rms_norm(h, n_text, text.weight, vision.weight, self.config.rms_norm_eps,
+    def _norm(self, h: torch.Tensor, n_text: int, text: RMSNorm, vision: RMSNorm,
+              residual: torch.Tensor | None = None):
+        return routed_rms_norm(h, n_text, text.weight, vision.weight, self.config.rms_norm_eps, residual,
                                backend=op_backend(self.backend, "routed_rms_norm"))
+
+    def pack_(self) -> None:
+        """Pack the weights that run as one GEMM per modality (attention's q/k/v and bridge A factors, the MLP's
+        gate/up); see :meth:`LibraForCausalLM.pack_projections_`."""
+        self.self_attn.pack_()
+        self.mlp.pack_()
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """h: [T, hidden] residual stream in sorted order. Returns the updated [T, hidden]."""
         n_text = ctx.layout.n_text
-        h = h + self.self_attn(self._norm(h, n_text, self.input_layernorm, self.vision_input_layernorm), ctx)
-        x = self._norm(h, n_text, self.post_attention_layernorm, self.vision_post_attention_layernorm)
+        attn = self.self_attn(self._norm(h, n_text, self.input_layernorm, self.vision_input_layernorm), ctx)
+        # One pass adds the attention output to the residual stream and normalises the sum (h kept once).
+        x, h = self._norm(attn, n_text, self.post_attention_layernorm, self.vision_post_attention_layernorm, h)
         return h + self.mlp(x, n_text)
 
 
@@ -144,6 +152,8 @@ class LibraForCausalLM(nn.Module):
         self.check_input_values = True
         self.set_backend(backend)
         self.init_weights()
+        self._packed = False
+        self.register_load_state_dict_post_hook(LibraForCausalLM._repack_after_load)
 
     # ------------------------------------------------------------------------------------------ setup
     def set_backend(self, backend: str | dict) -> None:
@@ -183,6 +193,25 @@ class LibraForCausalLM(nn.Module):
             if hasattr(module, "tp_group"):
                 module.tp_group = group
         self.lm_head_tp_group = group
+
+    def pack_projections_(self) -> LibraForCausalLM:
+        """Pack, in every layer, the weights that then run as one GEMM per modality: attention's q/k/v text weights
+        and the bridges' language A factors in one buffer, the vision A factors in another; the MLP's gate/up
+        likewise. Parameters keep their names, shapes, values and ``requires_grad`` (each becomes a row block of its
+        buffer), so state dicts and checkpoints keep the released layout. Call it after the model reached its
+        device and dtype and after tensor-parallel sharding (each rank packs its own shards), before creating the
+        optimizer; ``load_state_dict`` keeps the packing (with ``assign=True`` the model packs again). Returns
+        the model."""
+        for layer in self.model.layers:
+            layer.pack_()
+        self._packed = True
+        return self
+
+    @staticmethod
+    def _repack_after_load(module, incompatible_keys) -> None:
+        # load_state_dict(assign=True) puts the loaded tensors in place of the packed parameters: pack them again.
+        if getattr(module, "_packed", False):
+            module.pack_projections_()
 
     def init_weights(self, only: set[str] | None = None) -> None:
         """Initialise parameters as LIBRA.md §2.3 (all of them, or only the names in ``only``): low-rank A ~ N(0,

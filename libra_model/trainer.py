@@ -258,12 +258,14 @@ def _build_model(cfg: TrainConfig, config: LibraConfig, parallel: ParallelState,
         model.activation_checkpointing_enable()
     model = model.to(device=parallel.device)
     shard_model_(model, parallel.tp_group)
+    master = None
     if dtype != torch.float32:
         # Compute-dtype parameters; MasterAdamW keeps float32 masters of the trainable ones.
         master = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         model.to(dtype)
-        return model, master
-    return model, None
+    # Once on the device, in the compute dtype and sharded: each rank packs its own shards.
+    model.pack_projections_()
+    return model, master
 
 
 def _build_processor(cfg: TrainConfig, config: LibraConfig, parallel: ParallelState):

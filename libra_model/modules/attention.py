@@ -2,6 +2,9 @@
 token's own modality, RoPE and the fused bridge attention in sequence order, routed output projection
 (LIBRA.md §3.1).
 
+The q/k/v maps and the bridges' A factors run as one ``routed_projections`` (one GEMM per modality once
+:meth:`LibraAttention.pack_` has packed their weights); RoPE of q, k and the key bridge term is one ``rotary``.
+
 Tensor parallelism: the block calls "f" (``copy_to_tp_region``) on its replicated normed input once, before any
 projection, and "g" (``reduce_from_tp_region``) on the output of the o projection. Head counts are read from the
 (possibly sharded) weight shapes at run time, so a TP layer only has to hand it sharded weights.
@@ -12,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from libra_kernels import ModalityLayout, bridge_attention, routed_linear
+from libra_kernels import ModalityLayout, bridge_attention, pack_rows, rotary, routed_linear, routed_projections
 from libra_model.config import LibraConfig
 from libra_model.modules.cache import BridgeKVCache
 from libra_model.modules.layers import LibraLinear, linear, op_backend, routed_dropout
-from libra_model.modules.rope import apply_rotary
 from libra_model.modules.tensor_parallel import copy_to_tp_region, reduce_from_tp_region
 
 
@@ -61,23 +64,49 @@ class LibraAttention(nn.Module):
         self.tp_group = None
         self.backend: str | dict = "auto"
 
-    def _project(self, x: torch.Tensor, n_text: int, dense: nn.Linear, expert: LibraLinear) -> torch.Tensor:
-        """Routed projection [T, in] -> [T, out]; in addition_mode the dense map runs on every row and the expert
-        is added on the vision rows (LIBRA.md §2.4)."""
-        backend = op_backend(self.backend, "routed_linear")
+    def _bridge_factors(self) -> tuple[list[LibraLinear], list[LibraLinear]]:
+        """The bridge adapters of the language side and of the vision side, k then v (empty without bridges)."""
+        if not self.config.use_bridge:
+            return [], []
+        return ([getattr(self, f"vision_{name}_bridge_on_language") for name in "kv"],
+                [getattr(self, f"vision_{name}_bridge_on_vision") for name in "kv"])
+
+    def _input_maps(self) -> tuple[list, list, list]:
+        """(text weights, vision A factors, vision B factors) of the maps of the normed input that run as one
+        ``routed_projections``: q, k, v (unless addition_mode), then the k and v bridges' A factors (a bridge's
+        rank-r product is the map's output; its B factors follow in :meth:`_bridge_up`)."""
+        language, vision = self._bridge_factors()
+        w_text = [a.weight_A for a in language]
+        w_a, w_b = [a.weight_A for a in vision], [None] * len(vision)
         if not self.config.addition_mode:
-            return routed_linear(x, n_text, dense.weight, expert.weight_A, expert.weight_B, backend=backend)
-        y = routed_linear(x, x.shape[0], dense.weight, expert.weight_A, expert.weight_B, backend=backend)
-        delta = routed_linear(x[n_text:], 0, dense.weight, expert.weight_A, expert.weight_B, backend=backend)
+            dense = (self.q_proj, self.k_proj, self.v_proj)
+            experts = (self.vision_q_proj, self.vision_k_proj, self.vision_v_proj)
+            w_text = [m.weight for m in dense] + w_text
+            w_a, w_b = [e.weight_A for e in experts] + w_a, [e.weight_B for e in experts] + w_b
+        return w_text, w_a, w_b
+
+    def pack_(self) -> None:
+        """Put the text weights of :meth:`_input_maps` in one buffer and their vision A factors in another (the
+        parameters become row blocks of it; values, names and shapes unchanged), so they run as one GEMM per
+        modality. Call it after the weights reached their device, dtype and (tensor-parallel) shard."""
+        w_text, w_a, _ = self._input_maps()
+        if w_text:
+            pack_rows(w_text)
+            pack_rows(w_a)
+
+    def _dense_plus_expert(self, x: torch.Tensor, n_text: int, dense: nn.Linear, expert: LibraLinear
+                           ) -> torch.Tensor:
+        """addition_mode (LIBRA.md §2.4): the dense map on every row, the expert added on the vision rows; plain
+        linears, since nothing is routed."""
+        y = F.linear(x, dense.weight)
+        delta = F.linear(F.linear(x[n_text:], expert.weight_A), expert.weight_B)
         return torch.cat([y[:n_text], y[n_text:] + delta])
 
-    def _bridge(self, x: torch.Tensor, n_text: int, name: str) -> torch.Tensor:
-        """Bridge term [T, kv_dim] of each token from the adapter of its own modality (two rank-r routed maps)."""
-        backend = op_backend(self.backend, "routed_linear")
-        on_language, on_vision = getattr(self, f"vision_{name}_bridge_on_language"), \
-            getattr(self, f"vision_{name}_bridge_on_vision")
-        low = routed_linear(x, n_text, on_language.weight_A, on_vision.weight_A, backend=backend)
-        return routed_linear(low, n_text, on_language.weight_B, on_vision.weight_B, backend=backend)
+    def _bridge_up(self, low: torch.Tensor, n_text: int, side: int) -> torch.Tensor:
+        """A bridge term [T, kv_dim] from its rank-r product: each row through the B factor of its own modality."""
+        language, vision = self._bridge_factors()
+        return routed_linear(low, n_text, language[side].weight_B, vision[side].weight_B,
+                             backend=op_backend(self.backend, "routed_linear"))
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """x: [T, hidden] normed hidden states in sorted order (model dtype). Returns [T, hidden] in sorted order
@@ -85,26 +114,44 @@ class LibraAttention(nn.Module):
         layout, n_text = ctx.layout, ctx.layout.n_text
         batch, length = layout.shape
         x = copy_to_tp_region(x, self.tp_group)
-        q = self._project(x, n_text, self.q_proj, self.vision_q_proj)
-        k = self._project(x, n_text, self.k_proj, self.vision_k_proj)
-        v = self._project(x, n_text, self.v_proj, self.vision_v_proj)
-        if self.config.use_bridge:
-            k_bridge, v_bridge = self._bridge(x, n_text, "k"), self._bridge(x, n_text, "v")
+        w_text, w_a, w_b = self._input_maps()
+        outputs = routed_projections(x, n_text, w_text, w_a, w_b,
+                                     backend=op_backend(self.backend, "routed_projections")) if w_text else []
+        if self.config.addition_mode:
+            q, k, v = (self._dense_plus_expert(x, n_text, dense, expert) for dense, expert in
+                       ((self.q_proj, self.vision_q_proj), (self.k_proj, self.vision_k_proj),
+                        (self.v_proj, self.vision_v_proj)))
         else:
-            k_bridge = v_bridge = torch.zeros_like(k)
-
+            q, k, v, outputs = *outputs[:3], outputs[3:]
         def heads(t: torch.Tensor) -> torch.Tensor:
             # [T, h·d] sorted -> [B, N, h, d] in sequence order; h is the local head count of this weight shard.
             return layout.unsort(t).view(batch, length, -1, self.head_dim)
 
-        q, k, k_bridge = (apply_rotary(heads(t), ctx.cos, ctx.sin) for t in (q, k, k_bridge))
-        v, v_bridge = heads(v), heads(v_bridge)
+        def rope(*tensors: torch.Tensor) -> list[torch.Tensor]:
+            return rotary(list(tensors), ctx.cos, ctx.sin, backend=op_backend(self.backend, "rotary"))
+
+        if self.config.use_bridge:
+            # The rank-r products leave the wide q/k/v buffer in one small copy: the B factors' backward keeps its
+            # input, and a view would keep the whole [T, q+k+v] buffer alive until then.
+            lows = torch.cat(outputs, dim=1).split([low.shape[1] for low in outputs], dim=1)
+            k_bridge, v_bridge = (self._bridge_up(low, n_text, side) for side, low in enumerate(lows))
+            # RoPE is linear: the key bridge term is rotated like k, all three in one operator
+            q, k, k_bridge = rope(heads(q), heads(k), heads(k_bridge))
+            v_bridge = heads(v_bridge)
+        else:
+            q, k = rope(heads(q), heads(k))
+            k_bridge = v_bridge = torch.zeros_like(k)
+        v = heads(v)
         if ctx.cache is not None:
             k, k_bridge, v, v_bridge = ctx.cache.update(self.layer_idx, k, k_bridge, v, v_bridge)
         out = bridge_attention(q, k, v, k_bridge, v_bridge, ctx.vision_mask, causal=True,
                                key_padding_mask=ctx.key_padding_mask,
                                backend=op_backend(self.backend, "bridge_attention"))
         out = layout.sort(out.reshape(batch, length, -1))
-        out = self._project(out, n_text, self.o_proj, self.vision_o_proj)
+        if self.config.addition_mode:
+            out = self._dense_plus_expert(out, n_text, self.o_proj, self.vision_o_proj)
+        else:
+            out = routed_linear(out, n_text, self.o_proj.weight, self.vision_o_proj.weight_A,
+                                self.vision_o_proj.weight_B, backend=op_backend(self.backend, "routed_linear"))
         out = reduce_from_tp_region(out, self.tp_group)
         return routed_dropout(out, n_text, self.config.resid_pdrop, self.config.vision_resid_pdrop, self.training)

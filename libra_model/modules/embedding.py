@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from libra_kernels import ModalityLayout, routed_linear, routed_rms_norm
+from libra_kernels import ModalityLayout, routed_rms_norm
 from libra_model.config import LibraConfig
 from libra_model.modules.layers import RMSNorm, linear, op_backend, routed_dropout
 
@@ -69,15 +69,13 @@ class LibraEmbeddings(nn.Module):
                 weight = self.vision_signal_norm.weight
                 fused = routed_rms_norm(fused, 0, weight, weight, config.rms_norm_eps,
                                         backend=op_backend(backend, "routed_rms_norm"))
-            weight = self.vision_contiguous_signal_processor.weight
-            vision = routed_linear(fused, 0, weight, weight, backend=op_backend(backend, "routed_linear"))
+            # vision rows only: nothing is routed, a plain linear
+            vision = F.linear(fused, self.vision_contiguous_signal_processor.weight)
             embeddings = torch.cat([text, vision])
         else:
             embeddings = torch.cat([text, vision])
             if contiguous_signal is not None:
                 # The reference adds W c at every position (c is zero at text positions).
-                weight = self.vision_contiguous_signal_processor.weight
                 signal = layout.sort(signal_flat.view(batch, length, -1))
-                embeddings = embeddings + routed_linear(signal, 0, weight, weight,
-                                                        backend=op_backend(backend, "routed_linear"))
+                embeddings = embeddings + F.linear(signal, self.vision_contiguous_signal_processor.weight)
         return routed_dropout(embeddings, n_text, config.embd_pdrop, config.vision_embd_pdrop, self.training)

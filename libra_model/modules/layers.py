@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OPS = ("routed_linear", "routed_rms_norm", "bridge_attention", "discrete_token_cross_entropy")
+OPS = ("routed_linear", "routed_projections", "routed_swiglu", "routed_rms_norm", "rotary", "bridge_attention",
+       "discrete_token_cross_entropy")
 
 
 def op_backend(backend: str | dict, op: str) -> str:

@@ -1,6 +1,10 @@
 """Libra's routed SwiGLU MLP on the sorted layout (LIBRA.md §2.1): the LLaMA gate/up/down on text rows, the
 low-rank experts on vision rows (always routed, also in addition_mode, as in the reference).
 
+Two operators: ``routed_projections`` gives gate and up (one GEMM per modality once :meth:`LibraMLP.pack_` has
+packed their weights), ``routed_swiglu`` the product and the down projection, keeping only gate and up for
+backward (the product is recomputed there).
+
 Tensor parallelism: "f" on the replicated normed input, "g" on the output of the down projection; the local
 intermediate width follows from the (possibly sharded) weight shapes.
 """
@@ -8,10 +12,9 @@ intermediate width follows from the (possibly sharded) weight shapes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from libra_kernels import routed_linear
+from libra_kernels import pack_rows, routed_projections, routed_swiglu
 from libra_model.config import LibraConfig
 from libra_model.modules.layers import LibraLinear, linear, op_backend, routed_dropout
 from libra_model.modules.tensor_parallel import copy_to_tp_region, reduce_from_tp_region
@@ -32,15 +35,22 @@ class LibraMLP(nn.Module):
         self.tp_group = None
         self.backend: str | dict = "auto"
 
+    def pack_(self) -> None:
+        """Put the gate and up text weights in one buffer and their vision A factors in another (the parameters
+        become row blocks of it; values, names and shapes unchanged), so gate and up run as one GEMM per modality.
+        Call it after the weights reached their device, dtype and (tensor-parallel) shard."""
+        pack_rows([self.gate_proj.weight, self.up_proj.weight])
+        pack_rows([self.vision_gate_proj.weight_A, self.vision_up_proj.weight_A])
+
     def forward(self, x: torch.Tensor, n_text: int) -> torch.Tensor:
         """x: [T, hidden] normed, sorted (rows [0, n_text) text). Returns [T, hidden] sorted."""
-        backend = op_backend(self.backend, "routed_linear")
         x = copy_to_tp_region(x, self.tp_group)
-
-        def project(t, dense, expert):
-            return routed_linear(t, n_text, dense.weight, expert.weight_A, expert.weight_B, backend=backend)
-
-        inner = F.silu(project(x, self.gate_proj, self.vision_gate_proj)) * project(x, self.up_proj,
-                                                                                     self.vision_up_proj)
-        out = reduce_from_tp_region(project(inner, self.down_proj, self.vision_down_proj), self.tp_group)
+        gate, up = routed_projections(x, n_text, [self.gate_proj.weight, self.up_proj.weight],
+                                      [self.vision_gate_proj.weight_A, self.vision_up_proj.weight_A],
+                                      [self.vision_gate_proj.weight_B, self.vision_up_proj.weight_B],
+                                      backend=op_backend(self.backend, "routed_projections"))
+        down, expert = self.down_proj, self.vision_down_proj
+        out = routed_swiglu(gate, up, n_text, down.weight, expert.weight_A, expert.weight_B,
+                            backend=op_backend(self.backend, "routed_swiglu"))
+        out = reduce_from_tp_region(out, self.tp_group)
         return routed_dropout(out, n_text, self.config.resid_pdrop, self.config.vision_resid_pdrop, self.training)

@@ -1,5 +1,6 @@
 """Rotary position embeddings (LLaMA's rotate-half form) with 1d positions or Libra's optional 2d positions
-(LIBRA.md §3.2). Applied in sequence order to q, k and the key bridge term alike (RoPE is linear)."""
+(LIBRA.md §3.2): the position ids and the cos/sin tables. The rotation itself is the ``libra_kernels.rotary``
+operator, applied in sequence order to q, k and the key bridge term alike (RoPE is linear)."""
 
 from __future__ import annotations
 
@@ -35,17 +36,6 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
         raise ValueError(f"rotary_cos_sin: position_ids must be [B, N] or [B, 2, N], got {tuple(position_ids.shape)}")
     angles = torch.cat([freqs, freqs], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[..., d] -> [-x2, x1] where x1, x2 are the two halves of the last dimension."""
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, N, H, d] by the tables of :func:`rotary_cos_sin` (broadcastable [B, N, 1|H, d])."""
-    return x * cos + rotate_half(x) * sin
 
 
 def libra_2d_position_ids(vision_indices: torch.Tensor, resolution: int, attention_mask: torch.Tensor | None = None,

@@ -126,7 +126,8 @@ def _tp_equals_tp1(rank, world_size):
         if frozen:
             _freeze_language(full)
         batch = make_batch(full.config, 2, 24, [(0, 2), (1, 15)], seed=1)  # sample 1's image is cut at the end
-        ref, tp = clone(full), shard_model_(clone(full), parallel.tp_group)
+        # each rank packs its own shards (one GEMM per modality); the single-process reference stays unpacked
+        ref, tp = clone(full), shard_model_(clone(full), parallel.tp_group).pack_projections_()
         for name, param in tp.named_parameters():
             rule = tp_rule(name)
             full_shape = dict(full.named_parameters())[name].shape

@@ -9,7 +9,15 @@ from model_fixtures import make_batch, randomize_parameters
 from naive_libra import naive_logits, naive_loss
 
 from libra_kernels import ModalityLayout
-from libra_kernels.ops import bridge_attention, cross_entropy, rms_norm, routed_linear
+from libra_kernels.ops import (
+    bridge_attention,
+    cross_entropy,
+    rms_norm,
+    rotary,
+    routed_linear,
+    routed_projections,
+    routed_swiglu,
+)
 from libra_kernels.testing import assert_close_to_ref
 from libra_model.config import LibraConfig
 from libra_model.model import LibraForCausalLM
@@ -72,7 +80,8 @@ def test_loss_equals_concatenated_vocabulary_cross_entropy_float32():
 def runnable_backends():
     """Model backend switches to compare with "torch": "auto" plus each fast kernel that can run here."""
     choices = ["auto"]
-    for op, module in (("routed_linear", routed_linear), ("routed_rms_norm", rms_norm),
+    for op, module in (("routed_linear", routed_linear), ("routed_projections", routed_projections),
+                       ("routed_swiglu", routed_swiglu), ("rotary", rotary), ("routed_rms_norm", rms_norm),
                        ("bridge_attention", bridge_attention), ("discrete_token_cross_entropy", cross_entropy)):
         for name, kernel in module.TABLE.kernels.items():
             if name != "torch" and not kernel.unavailable(torch.device("cpu")):
