@@ -57,11 +57,18 @@ def _triton_unavailable(device: torch.device) -> str:
             "is imported")
 
 
+def _triton_rotate(xs: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> list[torch.Tensor]:
+    # The kernel computes in float32 and takes at most MAX_TENSORS tensors: float64 and longer lists use ATen.
+    if xs[0].dtype == torch.float64 or len(xs) > _triton.MAX_TENSORS:
+        return (_torch_backward if inverse else _torch_forward)(xs, cos, sin)
+    return _triton.rotate(xs, cos, sin, inverse)
+
+
 TABLE = KernelTable(OP, auto_order={"cuda": ("triton",)})
 TABLE.register("torch", Kernel(_torch_forward, _torch_backward, always_available))
 if _triton is not None:
-    TABLE.register("triton", Kernel(lambda xs, cos, sin: _triton.rotate(xs, cos, sin, inverse=False),
-                                    lambda grads, cos, sin: _triton.rotate(grads, cos, sin, inverse=True),
+    TABLE.register("triton", Kernel(lambda xs, cos, sin: _triton_rotate(xs, cos, sin, inverse=False),
+                                    lambda grads, cos, sin: _triton_rotate(grads, cos, sin, inverse=True),
                                     _triton_unavailable))
 
 

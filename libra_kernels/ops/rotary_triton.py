@@ -55,12 +55,8 @@ def _rotary_kernel(x0, x1, x2, o0, o1, o2, h0, h1, h2, cos_ptr, sin_ptr, table_h
 
 
 def rotate(xs: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> list[torch.Tensor]:
-    """The rotated tensors (``inverse``: the transposed map, for the backward), contiguous, in xs's dtype. float64
-    inputs and more than three tensors take the ATen path (the kernel computes in float32)."""
-    from libra_kernels.ops import rotary as ops
-
-    if xs[0].dtype == torch.float64 or len(xs) > MAX_TENSORS:
-        return (ops._torch_backward if inverse else ops._torch_forward)(xs, cos, sin)
+    """The rotated tensors (``inverse``: the transposed map, for the backward), contiguous, in xs's dtype; at most
+    MAX_TENSORS float16/bfloat16/float32 tensors (the kernel computes in float32)."""
     dtype = xs[0].dtype
     upcast = INTERPRETED and dtype in (torch.float16, torch.bfloat16)  # numpy has no bfloat16
     prepare = (lambda t: t.float().contiguous()) if upcast else (lambda t: t.contiguous())
