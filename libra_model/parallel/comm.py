@@ -13,20 +13,14 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
+from libra_kernels.distributed import all_gather_flat as all_gather_flat
+
 COLLECTIVES: Counter = Counter()  # (kind, "forward" | "backward") -> number of collectives issued
 
 
 def tp_world_size(group) -> int:
     """Ranks in ``group`` (1 for None)."""
     return 1 if group is None else dist.get_world_size(group)
-
-
-def all_gather_flat(output: torch.Tensor, x: torch.Tensor, group) -> None:
-    """Gather every rank's ``x`` into ``output`` (ranks concatenated along dim 0). Uses ``all_gather_single`` where
-    torch has it (newer releases deprecate ``all_gather_into_tensor``) and ``all_gather_into_tensor`` elsewhere
-    (torch 2.11 lacks ``all_gather_single``)."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, x, group=group)
 
 
 def _all_reduce(x: torch.Tensor, group, direction: str) -> torch.Tensor:

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from libra_kernels import _ext, routed_linear, routed_rms_norm
-from libra_kernels.ops import bridge_attention, cross_entropy, rms_norm
+from libra_kernels.ops import bridge_attention
+from libra_kernels.ops import discrete_token_cross_entropy as cross_entropy
 from libra_kernels.ops import routed_linear as routed_linear_module
+from libra_kernels.ops import routed_rms_norm as rms_norm
 
 TABLES = [rms_norm.TABLE, routed_linear_module.TABLE, bridge_attention.TABLE, cross_entropy.TABLE]
 
