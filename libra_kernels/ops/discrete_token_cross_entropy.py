@@ -31,6 +31,10 @@ its shard's dW and the full (identical) vision dW.
 Parts: the reference ``discrete_token_cross_entropy_ref``; the "torch" and "cpp" kernels; the registered operator
 ``torch.ops.libra.discrete_token_cross_entropy`` (+ ``_backward``) with fake implementations and autograd; the
 public ``discrete_token_cross_entropy``.
+
+Unrequested gradients: the registered ops (the operator's gradients for grad_output = 1, ``_backward``, and the
+C++ ``linear_cross_entropy``'s dW) return an empty [0] tensor, its own, for each gradient not asked for; the
+autograd formula hands autograd None for it.
 """
 
 from __future__ import annotations

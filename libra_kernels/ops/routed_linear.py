@@ -8,6 +8,9 @@ implementations and autograd; the public ``routed_linear``.
 
 The forward returns the rank-r activation ``low = x[n_text:] @ w_vision_a.T`` beside y, so the gradient of
 w_vision_b needs no recomputation (the same GEMM count as autograd over plain matmuls).
+
+Unrequested gradients: every registered backward op (``_backward`` here, the C++ ``*_bwd``) returns an empty
+[0] tensor, its own, for each gradient not asked for; the autograd formula hands autograd None for it.
 """
 
 from __future__ import annotations

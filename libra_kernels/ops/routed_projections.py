@@ -10,8 +10,11 @@ per weight (each still written straight into its column slice). The registered o
 list of the present ones plus ``has_b`` flags: autograd of a registered op only tracks lists of tensors.
 
 Parts: the reference ``routed_projections_ref``; the "torch" and "cpp" kernels (``torch.ops.libra.
-routed_projections_fwd/_bwd``, csrc/routed_linear.cpp); the registered operator ``torch.ops.libra.
+routed_projections_fwd/_bwd``, csrc/routed_projections.cpp); the registered operator ``torch.ops.libra.
 routed_projections`` (+ ``_backward``) with fakes and autograd; the public ``routed_projections``; ``pack_rows``.
+
+Unrequested gradients: every registered backward op (``_backward`` here, the C++ ``*_bwd``) returns an empty
+[0] tensor, its own, for each gradient not asked for; the autograd formula hands autograd None for it.
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@ an optional fused residual add (``h = x + residual`` normalised, both returned: 
 Parts: the reference ``routed_rms_norm_ref``; the "torch" and "cpp" kernels; the registered operators
 ``torch.ops.libra.routed_rms_norm`` and ``torch.ops.libra.routed_add_rms_norm`` (+ the shared ``_backward``) with
 fake implementations and autograd; the public ``routed_rms_norm``. The C++ kernels are
-``torch.ops.libra.routed_rms_norm_fwd``, ``routed_add_rms_norm_fwd`` and ``routed_rms_norm_bwd`` (csrc/: a CPU
-kernel and one CUDA launch for both groups).
+``torch.ops.libra.routed_rms_norm_fwd``, ``routed_add_rms_norm_fwd`` and ``routed_rms_norm_bwd`` (driver
+csrc/routed_rms_norm.cpp: a CPU kernel and one CUDA launch for both groups).
+
+Unrequested gradients: every registered backward op (``_backward`` here, the C++ ``*_bwd``) returns an empty
+[0] tensor, its own, for each gradient not asked for; the autograd formula hands autograd None for it.
 """
 
 from __future__ import annotations
