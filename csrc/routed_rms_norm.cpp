@@ -9,10 +9,6 @@
 
 #include "driver.h"
 
-#if defined(LIBRA_WITH_CUDA)
-#include <ATen/cuda/CUDAContext.h>
-#endif
-
 namespace {
 
 constexpr const char* kOp = "routed_rms_norm";
@@ -85,7 +81,8 @@ int64_t rows_per_block(const at::Tensor& x) {
     return kCpuRowsPerBackwardBlock;
   }
 #if defined(LIBRA_WITH_CUDA)
-  const int64_t sms = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
   const int64_t per_block = (x.size(0) + 4 * sms - 1) / (4 * sms);
   return std::min<int64_t>(1024, std::max<int64_t>(8, per_block));
 #else

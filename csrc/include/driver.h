@@ -7,6 +7,7 @@
 #include "launchers.h"
 
 #if defined(LIBRA_WITH_CUDA)
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
