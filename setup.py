@@ -1,7 +1,8 @@
 """Build of the C++ extension ``libra_kernels._C`` (the only job of this file; metadata is in pyproject.toml).
 
 CPU torch (``torch.version.cuda is None``) or ``LIBRA_SKIP_CUDA_BUILD=1``: a CppExtension with the CPU kernels.
-CUDA torch: a CUDAExtension that adds ``csrc/cuda/*.cpp`` and ``csrc/cuda/*.cu``.
+CUDA torch: a CUDAExtension that adds the CUDA launchers ``csrc/cuda/*.cu`` (the drivers ``csrc/*.cpp`` then
+register themselves for the CUDA key too).
 
 Environment switches:
     CUDA_HOME               default /usr/local/cuda
@@ -38,7 +39,7 @@ def _extensions():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     with_cuda = torch.version.cuda is not None and os.environ.get("LIBRA_SKIP_CUDA_BUILD") != "1"
     if with_cuda:
-        sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
+        sources += _sources("csrc/cuda/*.cu")
         nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo",
                       f"--threads={os.environ.get('NVCC_THREADS', '4')}"]
         ext = CUDAExtension("libra_kernels._C", sources, include_dirs=include_dirs,

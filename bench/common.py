@@ -51,6 +51,21 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def best_of_rounds(candidates: dict[str, Callable[[], object]], device: torch.device, rounds: int,
+                   cpu_reps: dict | None = None) -> dict[str, dict]:
+    """Median time per candidate, the best of ``rounds`` interleaved rounds (a shared CPU is noisy), with its peak
+    memory; ``cpu_reps`` ({"warmup", "reps"}) replaces measure's defaults on the CPU."""
+    results = {}
+    for _ in range(rounds):
+        for label, step in candidates.items():
+            result = measure(step, device, **({} if device.type == "cuda" else (cpu_reps or {})))
+            if label not in results or result["ms"] < results[label]["ms"]:
+                results[label] = result
+    for label, step in candidates.items():
+        results[label]["peak_mib"] = peak_memory_mib(step, device)
+    return results
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,

@@ -1,7 +1,7 @@
-// Schemas of the C++ operators of namespace libra. Kernels are registered per device in csrc/cpu and
-// csrc/cuda (csrc/routed_linear.cpp serves both devices through ATen's GEMMs); fake (meta) implementations and
-// autograd are registered from Python (libra_kernels/ops/*.py).
-// Other operator families add their schemas with TORCH_LIBRARY_FRAGMENT(libra, m) in their own files.
+// Schemas of all C++ operators of namespace libra (the only TORCH_LIBRARY block). Each operator has a driver,
+// csrc/<op>.cpp (checks, allocation, dispatch to the device's launcher in csrc/cpu/ or csrc/cuda/, registration for
+// the CPU and CUDA keys); fake (meta) implementations and autograd are registered from Python
+// (libra_kernels/ops/*.py). A backward op returns an empty [0] tensor for every gradient that is not asked for.
 #include <torch/library.h>
 
 TORCH_LIBRARY(libra, m) {
@@ -46,7 +46,7 @@ TORCH_LIBRARY(libra, m) {
       "Tensor[] w_vision_a, Tensor[] w_vision_b, int[] has_b, bool need_x, bool[] need_w_text, "
       "bool[] need_w_vision_a, bool[] need_w_vision_b) -> (Tensor, Tensor[], Tensor[], Tensor[])");
 
-  // ---- modality layout (DESIGN.md §2).
+  // ---- modality layout: text rows first, then vision rows, each in (batch, position) order.
   // vision_mask bool [B, N] -> (sort_index int64 [T], row_of int64 [B, N], counts int64 [2] = (n_text, n_vision)),
   // all on the mask's device; nothing is read back to the host.
   m.def("modality_layout(Tensor vision_mask) -> (Tensor, Tensor, Tensor)");
@@ -54,4 +54,18 @@ TORCH_LIBRARY(libra, m) {
   // inverse_index its inverse, which only the backward uses (the gradient is the gather by the inverse: no
   // scatter, no atomics, no zero fill).
   m.def("permute_rows(Tensor x, Tensor index, Tensor inverse_index) -> Tensor");
+
+  // ---- fused linear cross-entropy over one head (the shared kernel of discrete_token_cross_entropy).
+  // One head of S segments with K ids each: h [n, hidden]; weight [S, K, hidden] (h's dtype); labels int64 [S, n]
+  // (local id = label - label_offset; ignore_index ignored); row_weights [S, n] float32 (float64 for float64 h,
+  // any strides) = d total / d loss(row, segment), or an empty [0] when no gradient is asked; lse [S, n]: given (the
+  // vocab-parallel global one) or None to compute it; dh: [n, hidden] written with the gradient of h, or an empty
+  // [0] to skip it.
+  // vocab: ids of a segment's full vocabulary (label-smoothing divisor). Returns (loss [S, n], stats [3, S, n] =
+  // (lse, target logit, sum of logits) of this buffer's ids, dW [S, K, hidden] or [0]); loss and stats are [0]
+  // when lse is given. chunk_elements <= 0 selects the default budget of the logits buffer.
+  m.def(
+      "linear_cross_entropy(Tensor h, Tensor weight, Tensor labels, Tensor row_weights, Tensor? lse, Tensor(a!) dh, "
+      "int label_offset, int ignore_index, int vocab, float label_smoothing, float z_loss_weight, bool need_dw, "
+      "int chunk_elements) -> (Tensor, Tensor, Tensor)");
 }

@@ -8,13 +8,16 @@ package imports without it, and only asking for the "cpp" backend raises, saying
 """
 
 from libra_kernels._ext import cpp_extension_loaded
-from libra_kernels.layout import ModalityLayout
 from libra_kernels.ops.bridge_attention import bridge_attention, bridge_attention_ref
-from libra_kernels.ops.cross_entropy import discrete_token_cross_entropy, discrete_token_cross_entropy_ref
-from libra_kernels.ops.rms_norm import routed_rms_norm, routed_rms_norm_ref
+from libra_kernels.ops.discrete_token_cross_entropy import (
+    discrete_token_cross_entropy,
+    discrete_token_cross_entropy_ref,
+)
+from libra_kernels.ops.modality_layout import ModalityLayout
 from libra_kernels.ops.rotary import rotary, rotary_ref
 from libra_kernels.ops.routed_linear import routed_linear, routed_linear_ref
 from libra_kernels.ops.routed_projections import pack_rows, routed_projections, routed_projections_ref
+from libra_kernels.ops.routed_rms_norm import routed_rms_norm, routed_rms_norm_ref
 from libra_kernels.ops.routed_swiglu import routed_swiglu, routed_swiglu_ref
 
 __all__ = [

@@ -1,9 +1,11 @@
-"""Backend selection shared by the operators: ``backend="auto" | "torch" | "triton" | "cpp"``.
+"""The one backend switch of the library: ``backend="auto" | "torch" | "triton" | "cpp"``.
 
-Each operator owns a :class:`KernelTable` listing the backends it implements (a forward and a backward function
-each) and the order "auto" tries them in on each device type. ``LIBRA_BACKEND`` in the environment changes what
-"auto" means for a whole run: the named backend is used wherever the operator has it for the device, and the
-usual order applies elsewhere.
+``BACKENDS`` are the backend names; ``OPS`` the operators a per-operator switch (a dict {operator: backend}, as the
+model takes) may name. Each operator, and the modality layout, owns a :class:`KernelTable` listing the backends it
+implements and the order "auto" tries them in on each device type. ``LIBRA_BACKEND`` in the environment changes
+what "auto" means for a whole run: the named backend is used wherever the operator has it for the device, and the
+usual order applies elsewhere. :func:`check_backend` validates a switch and :func:`op_backend` reads one
+operator's backend from it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,34 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("torch", "triton", "cpp")
+OPS = ("routed_linear", "routed_projections", "routed_swiglu", "routed_rms_norm", "rotary", "bridge_attention",
+       "discrete_token_cross_entropy")
+
+
+def op_backend(backend: str | dict, op: str) -> str:
+    """The backend name for ``op``: ``backend`` is one name for every operator or a dict {operator: name} (missing
+    operators use "auto")."""
+    if isinstance(backend, str):
+        return backend
+    return backend.get(op, "auto")
+
+
+def check_backend(backend) -> str | dict:
+    """Validate a backend switch: "auto" | "torch" | "triton" | "cpp", or a dict {operator in OPS: that}. Returns
+    the name, or a copy of the dict; raises ValueError for an unknown name or operator, TypeError for another type."""
+    names = ("auto",) + BACKENDS
+    if isinstance(backend, str):
+        if backend not in names:
+            raise ValueError(f"backend must be one of {names} or a dict {{operator: backend}}, got {backend!r}")
+        return backend
+    if isinstance(backend, dict):
+        for op, name in backend.items():
+            if op not in OPS:
+                raise ValueError(f"backend: unknown operator {op!r} (operators: {OPS})")
+            if name not in names:
+                raise ValueError(f"backend[{op!r}] must be one of {names}, got {name!r}")
+        return dict(backend)
+    raise TypeError(f"backend must be a str or a dict, got {type(backend).__name__}")
 
 
 @dataclass(frozen=True)
@@ -22,11 +52,12 @@ class Kernel:
     """One backend's implementation of an operator.
 
     ``forward``/``backward`` are plain functions (called inside the registered op); ``unavailable`` returns why the
-    backend cannot run on a device now (an empty string when it can).
+    backend cannot run on a device now (an empty string when it can). ``backward`` is None for a kernel whose
+    gradient autograd derives by itself (the modality layout's row permutation).
     """
 
     forward: Callable
-    backward: Callable
+    backward: Callable | None
     unavailable: Callable[[torch.device], str]
 
 
@@ -54,7 +85,8 @@ class KernelTable:
         try:
             return self.kernels[backend]
         except KeyError:
-            raise ValueError(f"{self.op_name} has no {backend!r} backend (it has: {', '.join(self.kernels)})") from None
+            names = ", ".join(map(repr, ("auto", *self.kernels)))
+            raise ValueError(f"{self.op_name} has no {backend!r} backend: backend must be one of {names}") from None
 
     @torch.compiler.assume_constant_result
     def resolve(self, backend: str, device: torch.device) -> str:

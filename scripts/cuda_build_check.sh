@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the CUDA extension without a GPU: every .cu file and every CUDA binding, compiled by nvcc and linked against
-# a CUDA build of torch, then loaded to check that each C++ operator with a CPU kernel has a CUDA kernel too.
-# Catches what the per-file nvcc check cannot (binding code, build flags, link errors). Infrastructure that is not
+# Builds the CUDA extension without a GPU: every .cu launcher compiled by nvcc and every operator driver compiled with
+# CUDA enabled, linked against a CUDA build of torch, then loaded to check that each C++ operator with a CPU kernel has
+# a CUDA kernel too. Catches what the per-file nvcc check cannot (driver code, build flags, link errors). Infrastructure that is not
 # there (no nvcc, no CUDA torch for pip, too little disk) skips the check; a compile, link or registration error fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."

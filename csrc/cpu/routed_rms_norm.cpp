@@ -1,32 +1,20 @@
-// CPU kernels of the routed RMSNorm (LLaMA semantics): rows [0, n_text) use w_text, rows [n_text, T) w_vision.
+// CPU launchers of the routed RMSNorm (LLaMA semantics): rows [0, n_text) use w_text, rows [n_text, T) w_vision.
 //   h    = x + residual                (optional fused add, rounded to x's dtype like an eager add)
 //   rstd = 1 / sqrt(mean(h^2) + eps)  (accumulated in float32, float64 for float64 input)
 //   y    = w * cast(h * rstd)         (the normalised row is rounded to x's dtype before the weight, as in LLaMA)
 // The backward runs the block partition of the CUDA kernel (libra::block_rows): per-block float32 partial sums of
 // the weight gradients, text and vision rows never in one block, then one sum over the blocks of each group.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
+// Checks and allocation are the driver's (csrc/routed_rms_norm.cpp).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
-#include "libra_common.h"
+#include "launchers.h"
 
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;
-constexpr int64_t kRowsPerBackwardBlock = 64;
-
-void check_inputs(const at::Tensor& x, int64_t n_text, const at::Tensor& w_text, const at::Tensor& w_vision) {
-  TORCH_CHECK(x.dim() == 2, "routed_rms_norm: x must be [T, D]");
-  TORCH_CHECK(n_text >= 0 && n_text <= x.size(0), "routed_rms_norm: n_text out of range");
-  TORCH_CHECK(w_text.dim() == 1 && w_text.size(0) == x.size(1), "routed_rms_norm: w_text must be [D]");
-  TORCH_CHECK(w_vision.dim() == 1 && w_vision.size(0) == x.size(1), "routed_rms_norm: w_vision must be [D]");
-  TORCH_CHECK(w_text.scalar_type() == x.scalar_type() && w_vision.scalar_type() == x.scalar_type(),
-              "routed_rms_norm: weights must have the dtype of x");
-}
-
-at::ScalarType stat_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Normalises rows of x (or of h = x + residual, written to h, when residual is not null).
 template <typename scalar_t>
@@ -59,50 +47,14 @@ void forward_rows(const scalar_t* x, const scalar_t* residual, scalar_t* h, scal
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const at::Tensor* residual_in,
-                                                       int64_t n_text, const at::Tensor& w_text_in,
-                                                       const at::Tensor& w_vision_in, double eps) {
-  check_inputs(x_in, n_text, w_text_in, w_vision_in);
-  const auto x = x_in.contiguous();
-  const auto w_text = w_text_in.contiguous();
-  const auto w_vision = w_vision_in.contiguous();
-  at::Tensor residual, h;
-  if (residual_in != nullptr) {
-    TORCH_CHECK(residual_in->sizes() == x.sizes() && residual_in->scalar_type() == x.scalar_type(),
-                "routed_add_rms_norm: residual must have the shape and dtype of x");
-    residual = residual_in->contiguous();
-    h = at::empty_like(x);
-  }
-  auto y = at::empty_like(x);
-  auto rstd = at::empty({x.size(0)}, x.options().dtype(stat_type(x)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_rms_norm_fwd_cpu", [&] {
-    forward_rows<scalar_t>(x.data_ptr<scalar_t>(), residual.defined() ? residual.data_ptr<scalar_t>() : nullptr,
-                           h.defined() ? h.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
-                           rstd.data_ptr<at::opmath_type<scalar_t>>(), w_text.data_ptr<scalar_t>(),
-                           w_vision.data_ptr<scalar_t>(), x.size(0), n_text, x.size(1), eps);
-  });
-  return {y, h, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor> routed_rms_norm_fwd_cpu(const at::Tensor& x, int64_t n_text,
-                                                           const at::Tensor& w_text, const at::Tensor& w_vision,
-                                                           double eps) {
-  auto [y, h, rstd] = forward(x, nullptr, n_text, w_text, w_vision, eps);
-  return {y, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_add_rms_norm_fwd_cpu(const at::Tensor& x,
-                                                                           const at::Tensor& residual, int64_t n_text,
-                                                                           const at::Tensor& w_text,
-                                                                           const at::Tensor& w_vision, double eps) {
-  return forward(x, &residual, n_text, w_text, w_vision, eps);
-}
-
 // One backward block: dx of its rows (plus grad_h when given) and, when partial is not null, the block's
-// float32 partial sums of dy * xhat for the weight of its group.
+// partial sums of dy * xhat for the weight of its group (written whole: the scratch is not zero-filled).
 template <typename scalar_t, typename acc_t>
 void backward_block(const scalar_t* dy, const scalar_t* x, const acc_t* rstd, const scalar_t* w, const scalar_t* grad_h,
                     scalar_t* dx, acc_t* partial, int64_t begin, int64_t count, int64_t width) {
+  if (partial != nullptr) {
+    for (int64_t j = 0; j < width; ++j) partial[j] = 0;
+  }
   for (int64_t r = begin; r < begin + count; ++r) {
     const int64_t offset = r * width;
     const acc_t inv = rstd[r];
@@ -127,58 +79,91 @@ void backward_block(const scalar_t* dy, const scalar_t* x, const acc_t* rstd, co
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_rms_norm_bwd_cpu(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& rstd_in, int64_t n_text,
-    const at::Tensor& w_text_in, const at::Tensor& w_vision_in, bool need_w_text_grad, bool need_w_vision_grad,
-    const c10::optional<at::Tensor>& grad_h_in) {
-  check_inputs(x_in, n_text, w_text_in, w_vision_in);
-  TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), "routed_rms_norm_bwd: grad_y must have the shape of x");
-  TORCH_CHECK(rstd_in.dim() == 1 && rstd_in.size(0) == x_in.size(0) && rstd_in.scalar_type() == stat_type(x_in),
-              "routed_rms_norm_bwd: rstd must be [T] float32 (float64 for float64 x)");
-  const auto dy = grad_y_in.contiguous().to(x_in.scalar_type());
-  const auto x = x_in.contiguous();
-  const auto rstd = rstd_in.contiguous();
-  const auto w_text = w_text_in.contiguous();
-  const auto w_vision = w_vision_in.contiguous();
-  at::Tensor grad_h;
-  if (grad_h_in.has_value()) {
-    TORCH_CHECK(grad_h_in->sizes() == x.sizes(), "routed_rms_norm_bwd: grad_h must have the shape of x");
-    grad_h = grad_h_in->contiguous().to(x.scalar_type());
-  }
-  const int64_t rows = x.size(0), width = x.size(1);
-  const int64_t text_blocks = libra::blocks_for_rows(n_text, kRowsPerBackwardBlock);
-  const int64_t n_blocks = text_blocks + libra::blocks_for_rows(rows - n_text, kRowsPerBackwardBlock);
-  const bool need_partial = need_w_text_grad || need_w_vision_grad;
-  auto dx = at::empty_like(x);
-  auto partial = at::zeros({need_partial ? n_blocks : 0, width}, x.options().dtype(stat_type(x)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_rms_norm_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* wt = w_text.data_ptr<scalar_t>();
-    const scalar_t* wv = w_vision.data_ptr<scalar_t>();
-    const scalar_t* gh = grad_h.defined() ? grad_h.data_ptr<scalar_t>() : nullptr;
-    acc_t* pp = need_partial ? partial.data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        int64_t begin = 0, count = 0;
-        bool is_text = true;
-        libra::block_rows(b, text_blocks, n_text, rows, kRowsPerBackwardBlock, &begin, &count, &is_text);
-        backward_block<scalar_t, acc_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(),
-                                        is_text ? wt : wv, gh, dx.data_ptr<scalar_t>(),
-                                        pp == nullptr ? nullptr : pp + b * width, begin, count, width);
-      }
-    });
+// dw[j] = sum of partial[b, j] over blocks [first, last), rounded once to the weight's dtype.
+template <typename scalar_t, typename acc_t>
+void sum_blocks(const acc_t* partial, scalar_t* dw, int64_t first, int64_t last, int64_t width) {
+  at::parallel_for(0, width, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      acc_t total = 0;
+      for (int64_t b = first; b < last; ++b) total += partial[b * width + j];
+      dw[j] = static_cast<scalar_t>(total);
+    }
   });
-  const auto none = at::empty({0}, x.options());
-  const auto dw_text = need_w_text_grad ? partial.narrow(0, 0, text_blocks).sum(0).to(x.scalar_type()) : none;
-  const auto dw_vision =
-      need_w_vision_grad ? partial.narrow(0, text_blocks, n_blocks - text_blocks).sum(0).to(x.scalar_type()) : none;
-  return {dx, dw_text, dw_vision};
+}
+
+template <typename scalar_t>
+void backward(const void* dy_p, const void* x_p, const void* rstd_p, const void* w_text_p, const void* w_vision_p,
+              const void* grad_h_p, void* dx_p, void* partial_p, void* dw_text_p, void* dw_vision_p, int64_t rows,
+              int64_t n_text, int64_t width, int64_t rows_per_block) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto* dy = static_cast<const scalar_t*>(dy_p);
+  const auto* x = static_cast<const scalar_t*>(x_p);
+  const auto* rstd = static_cast<const acc_t*>(rstd_p);
+  const auto* wt = static_cast<const scalar_t*>(w_text_p);
+  const auto* wv = static_cast<const scalar_t*>(w_vision_p);
+  const auto* gh = static_cast<const scalar_t*>(grad_h_p);
+  auto* dx = static_cast<scalar_t*>(dx_p);
+  auto* partial = static_cast<acc_t*>(partial_p);
+  const int64_t text_blocks = libra::blocks_for_rows(n_text, rows_per_block);
+  const int64_t n_blocks = text_blocks + libra::blocks_for_rows(rows - n_text, rows_per_block);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t begin = 0, count = 0;
+      bool is_text = true;
+      libra::block_rows(b, text_blocks, n_text, rows, rows_per_block, &begin, &count, &is_text);
+      backward_block<scalar_t, acc_t>(dy, x, rstd, is_text ? wt : wv, gh, dx,
+                                      partial == nullptr ? nullptr : partial + b * width, begin, count, width);
+    }
+  });
+  if (dw_text_p != nullptr) sum_blocks(partial, static_cast<scalar_t*>(dw_text_p), 0, text_blocks, width);
+  if (dw_vision_p != nullptr) sum_blocks(partial, static_cast<scalar_t*>(dw_vision_p), text_blocks, n_blocks, width);
+}
+
+template <typename scalar_t>
+void forward(const void* x, const void* residual, void* h, void* y, void* rstd, const void* w_text,
+             const void* w_vision, int64_t rows, int64_t n_text, int64_t width, double eps) {
+  forward_rows<scalar_t>(static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(residual),
+                         static_cast<scalar_t*>(h), static_cast<scalar_t*>(y),
+                         static_cast<at::opmath_type<scalar_t>*>(rstd), static_cast<const scalar_t*>(w_text),
+                         static_cast<const scalar_t*>(w_vision), rows, n_text, width, eps);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(libra, CPU, m) {
-  m.impl("routed_rms_norm_fwd", &routed_rms_norm_fwd_cpu);
-  m.impl("routed_add_rms_norm_fwd", &routed_add_rms_norm_fwd_cpu);
-  m.impl("routed_rms_norm_bwd", &routed_rms_norm_bwd_cpu);
+namespace libra {
+
+void routed_rms_norm_fwd_cpu(DType dtype, const void* x, const void* residual, void* h, void* y, void* rstd,
+                             const void* w_text, const void* w_vision, int64_t rows, int64_t n_text, int64_t width,
+                             double eps) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return forward<float>(x, residual, h, y, rstd, w_text, w_vision, rows, n_text, width, eps);
+    case DType::kFloat64:
+      return forward<double>(x, residual, h, y, rstd, w_text, w_vision, rows, n_text, width, eps);
+    case DType::kFloat16:
+      return forward<c10::Half>(x, residual, h, y, rstd, w_text, w_vision, rows, n_text, width, eps);
+    case DType::kBFloat16:
+      return forward<c10::BFloat16>(x, residual, h, y, rstd, w_text, w_vision, rows, n_text, width, eps);
+  }
 }
+
+void routed_rms_norm_bwd_cpu(DType dtype, const void* dy, const void* x, const void* rstd, const void* w_text,
+                             const void* w_vision, const void* grad_h, void* dx, void* partial, void* dw_text,
+                             void* dw_vision, int64_t rows, int64_t n_text, int64_t width, int64_t rows_per_block) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return backward<float>(dy, x, rstd, w_text, w_vision, grad_h, dx, partial, dw_text, dw_vision, rows, n_text,
+                             width, rows_per_block);
+    case DType::kFloat64:
+      return backward<double>(dy, x, rstd, w_text, w_vision, grad_h, dx, partial, dw_text, dw_vision, rows, n_text,
+                              width, rows_per_block);
+    case DType::kFloat16:
+      return backward<c10::Half>(dy, x, rstd, w_text, w_vision, grad_h, dx, partial, dw_text, dw_vision, rows,
+                                 n_text, width, rows_per_block);
+    case DType::kBFloat16:
+      return backward<c10::BFloat16>(dy, x, rstd, w_text, w_vision, grad_h, dx, partial, dw_text, dw_vision, rows,
+                                     n_text, width, rows_per_block);
+  }
+}
+
+}  // namespace libra

@@ -4,8 +4,9 @@
 //   backward: blocks of rows_per_block rows, text and vision rows never in one block (libra::block_rows). Each
 //             block writes dx of its rows and a float32 partial sum of dy * xhat per column; a second small kernel
 //             adds the partial sums of each group into dw_text and dw_vision (one launch for both).
-// No torch headers: the launchers take raw pointers and a stream, csrc/cuda/routed_rms_norm_binding.cpp calls them.
-#include "libra_common.h"
+// No torch headers: the launchers (declared in launchers.h) take raw pointers and a stream; the driver
+// csrc/routed_rms_norm.cpp calls them.
+#include "launchers.h"
 
 namespace {
 
@@ -223,19 +224,20 @@ cudaError_t backward(const void* dy, const void* x, const void* rstd, const void
 
 }  // namespace
 
+namespace libra {
+
 // h and residual are null without the fused add. rstd is float32 (float64 for float64 data).
-extern "C" cudaError_t libra_routed_rms_norm_fwd_cuda(int dtype, const void* x, const void* residual, void* h, void* y,
-                                                      void* rstd, const void* w_text, const void* w_vision,
-                                                      int64_t rows, int64_t n_text, int64_t width, double eps,
-                                                      cudaStream_t stream) {
-  switch (static_cast<libra::DType>(dtype)) {
-    case libra::DType::kFloat32:
+cudaError_t routed_rms_norm_fwd_cuda(DType dtype, const void* x, const void* residual, void* h, void* y, void* rstd,
+                                     const void* w_text, const void* w_vision, int64_t rows, int64_t n_text,
+                                     int64_t width, double eps, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
       return forward<float>(x, residual, h, y, rstd, w_text, w_vision, rows, n_text, width, eps, stream);
-    case libra::DType::kFloat64:
+    case DType::kFloat64:
       return forward<double>(x, residual, h, y, rstd, w_text, w_vision, rows, n_text, width, eps, stream);
-    case libra::DType::kFloat16:
+    case DType::kFloat16:
       return forward<__half>(x, residual, h, y, rstd, w_text, w_vision, rows, n_text, width, eps, stream);
-    case libra::DType::kBFloat16:
+    case DType::kBFloat16:
       return forward<__nv_bfloat16>(x, residual, h, y, rstd, w_text, w_vision, rows, n_text, width, eps, stream);
   }
   return cudaErrorInvalidValue;
@@ -244,24 +246,25 @@ extern "C" cudaError_t libra_routed_rms_norm_fwd_cuda(int dtype, const void* x, 
 // partial: float32 (float64) [blocks, width] scratch, needed (non-null) when dw_text or dw_vision is asked for
 // (non-null); blocks = blocks_for_rows(n_text, rows_per_block) + blocks_for_rows(rows - n_text, rows_per_block).
 // grad_h (may be null) is added to dx. The dynamic shared memory is rows_per_block accumulator values.
-extern "C" cudaError_t libra_routed_rms_norm_bwd_cuda(int dtype, const void* dy, const void* x, const void* rstd,
-                                                      const void* w_text, const void* w_vision, const void* grad_h,
-                                                      void* dx, void* partial, void* dw_text, void* dw_vision,
-                                                      int64_t rows, int64_t n_text, int64_t width,
-                                                      int64_t rows_per_block, cudaStream_t stream) {
-  switch (static_cast<libra::DType>(dtype)) {
-    case libra::DType::kFloat32:
+cudaError_t routed_rms_norm_bwd_cuda(DType dtype, const void* dy, const void* x, const void* rstd,
+                                     const void* w_text, const void* w_vision, const void* grad_h, void* dx,
+                                     void* partial, void* dw_text, void* dw_vision, int64_t rows, int64_t n_text,
+                                     int64_t width, int64_t rows_per_block, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
       return backward<float>(dy, x, rstd, w_text, w_vision, grad_h, dx, partial, dw_text, dw_vision, rows, n_text,
                              width, rows_per_block, stream);
-    case libra::DType::kFloat64:
+    case DType::kFloat64:
       return backward<double>(dy, x, rstd, w_text, w_vision, grad_h, dx, partial, dw_text, dw_vision, rows, n_text,
                               width, rows_per_block, stream);
-    case libra::DType::kFloat16:
+    case DType::kFloat16:
       return backward<__half>(dy, x, rstd, w_text, w_vision, grad_h, dx, partial, dw_text, dw_vision, rows, n_text,
                               width, rows_per_block, stream);
-    case libra::DType::kBFloat16:
+    case DType::kBFloat16:
       return backward<__nv_bfloat16>(dy, x, rstd, w_text, w_vision, grad_h, dx, partial, dw_text, dw_vision, rows,
                                      n_text, width, rows_per_block, stream);
   }
   return cudaErrorInvalidValue;
 }
+
+}  // namespace libra

@@ -13,7 +13,7 @@
 
 namespace libra {
 
-// Element types the CUDA launchers accept (they take raw pointers, so the binding passes the type as a code).
+// Element types of the launchers (they take raw pointers, so the driver passes the type as this code).
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // ---- RMSNorm (LLaMA): y = w * cast(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps).

@@ -11,6 +11,9 @@ explicit backward); the "triton" kernel (fused, FlashAttention-2 style, in ``bri
 "auto" on CUDA, runnable on the CPU only under ``TRITON_INTERPRET=1``); the registered operator
 ``torch.ops.libra.bridge_attention`` (+ ``_backward``) with fake implementations and autograd; the public
 ``bridge_attention``.
+
+Unrequested gradients: every registered backward op (``_backward`` here) returns an empty
+[0] tensor, its own, for each gradient not asked for; the autograd formula hands autograd None for it.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ implementations and autograd; the public ``routed_linear``.
 
 The forward returns the rank-r activation ``low = x[n_text:] @ w_vision_a.T`` beside y, so the gradient of
 w_vision_b needs no recomputation (the same GEMM count as autograd over plain matmuls).
+
+Unrequested gradients: every registered backward op (``_backward`` here, the C++ ``*_bwd``) returns an empty
+[0] tensor, its own, for each gradient not asked for; the autograd formula hands autograd None for it.
 """
 
 from __future__ import annotations
@@ -43,27 +46,27 @@ def _torch_forward(x, n_text, w_text, w_vision_a, w_vision_b):
 
 
 def _torch_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, needs):
-    """needs = (x, w_text, w_vision_a, w_vision_b) flags; returns the four gradients, [0] tensors where not needed."""
+    """needs = (x, w_text, w_vision_a, w_vision_b) flags; returns the four gradients, a fresh [0] tensor for each one
+    not needed."""
     need_x, need_w_text, need_a, need_b = needs
-    empty = x.new_empty(0)
     dy_text, dy_vision = grad_y[:n_text], grad_y[n_text:]
     x_text, x_vision = x[:n_text], x[n_text:]
-    dx = x.new_empty(x.shape) if need_x else empty
+    dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
     if need_x:
         torch.mm(dy_text, w_text, out=dx[:n_text])
-    d_w_text = dy_text.T @ x_text if need_w_text else empty
+    d_w_text = dy_text.T @ x_text if need_w_text else x.new_empty(0)
     if w_vision_b is None:
         if need_x:
             torch.mm(dy_vision, w_vision_a, out=dx[n_text:])
-        d_a = dy_vision.T @ x_vision if need_a else empty
-        return dx, d_w_text, d_a, empty
-    d_b = dy_vision.T @ low if need_b else empty
+        d_a = dy_vision.T @ x_vision if need_a else x.new_empty(0)
+        return dx, d_w_text, d_a, x.new_empty(0)
+    d_b = dy_vision.T @ low if need_b else x.new_empty(0)
     if not (need_x or need_a):
-        return dx, d_w_text, empty, d_b
+        return dx, d_w_text, x.new_empty(0), d_b
     d_low = dy_vision @ w_vision_b  # gradient of the rank-r activation
     if need_x:
         torch.mm(d_low, w_vision_a, out=dx[n_text:])
-    d_a = d_low.T @ x_vision if need_a else empty
+    d_a = d_low.T @ x_vision if need_a else x.new_empty(0)
     return dx, d_w_text, d_a, d_b
 
 
@@ -84,11 +87,11 @@ def routed_linear_op(x: torch.Tensor, n_text: int, w_text: torch.Tensor, w_visio
 @torch.library.custom_op("libra::routed_linear_backward", mutates_args=())
 def routed_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, low: torch.Tensor, n_text: int,
                               w_text: torch.Tensor, w_vision_a: torch.Tensor, w_vision_b: torch.Tensor | None,
-                              needs: list[bool], backend: str) -> list[torch.Tensor]:
-    """Registered backward: the gradients of (x, w_text, w_vision_a, w_vision_b) whose ``needs`` flag is set, in that
-    order (the others are left out: a registered op may not return placeholders that alias each other)."""
-    grads = TABLE.get(backend).backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, tuple(needs))
-    return [g for g, need in zip(grads, needs) if need]
+                              needs: list[bool], backend: str
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered backward: the gradients of (x, w_text, w_vision_a, w_vision_b); each one whose ``needs`` flag is
+    not set is an empty [0] tensor (its own: outputs of a registered op may not alias each other)."""
+    return TABLE.get(backend).backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, tuple(needs))
 
 
 def _fake_forward(x, n_text, w_text, w_vision_a, w_vision_b, *backend):
@@ -97,10 +100,6 @@ def _fake_forward(x, n_text, w_text, w_vision_a, w_vision_b, *backend):
 
 
 def _fake_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, needs, *backend):
-    return [torch.empty_like(t) for t, need in zip((x, w_text, w_vision_a, w_vision_b), needs) if need]
-
-
-def _fake_cpp_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, needs):
     like = (x, w_text, w_vision_a, w_vision_b)
     return tuple(torch.empty_like(t) if need and t is not None else x.new_empty(0) for t, need in zip(like, needs))
 
@@ -109,7 +108,7 @@ torch.library.register_fake("libra::routed_linear")(_fake_forward)
 torch.library.register_fake("libra::routed_linear_backward")(_fake_backward)
 if _ext.cpp_extension_loaded():
     torch.library.register_fake("libra::routed_linear_fwd")(_fake_forward)
-    torch.library.register_fake("libra::routed_linear_bwd")(_fake_cpp_backward)
+    torch.library.register_fake("libra::routed_linear_bwd")(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -126,9 +125,9 @@ def _backward(ctx, grad_y, _grad_low):
     needs = [need[0], need[2], need[3], w_vision_b is not None and need[4]]
     if grad_y is None:
         return None, None, None, None, None, None
-    grads = iter(routed_linear_backward_op(grad_y.contiguous(), x, low, ctx.n_text, w_text, w_vision_a, w_vision_b,
-                                           needs, ctx.backend))
-    dx, d_w_text, d_a, d_b = (next(grads) if n else None for n in needs)
+    grads = routed_linear_backward_op(grad_y.contiguous(), x, low, ctx.n_text, w_text, w_vision_a, w_vision_b, needs,
+                                      ctx.backend)
+    dx, d_w_text, d_a, d_b = (g if n else None for g, n in zip(grads, needs))
     return dx, None, d_w_text, d_a, d_b, None
 
 

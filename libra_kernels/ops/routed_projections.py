@@ -10,8 +10,11 @@ per weight (each still written straight into its column slice). The registered o
 list of the present ones plus ``has_b`` flags: autograd of a registered op only tracks lists of tensors.
 
 Parts: the reference ``routed_projections_ref``; the "torch" and "cpp" kernels (``torch.ops.libra.
-routed_projections_fwd/_bwd``, csrc/routed_linear.cpp); the registered operator ``torch.ops.libra.
+routed_projections_fwd/_bwd``, csrc/routed_projections.cpp); the registered operator ``torch.ops.libra.
 routed_projections`` (+ ``_backward``) with fakes and autograd; the public ``routed_projections``; ``pack_rows``.
+
+Unrequested gradients: every registered backward op (``_backward`` here, the C++ ``*_bwd``) returns an empty
+[0] tensor, its own, for each gradient not asked for; the autograd formula hands autograd None for it.
 """
 
 from __future__ import annotations
@@ -71,12 +74,11 @@ def _torch_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, has_
     w_vision_b = _with_none(w_vision_b, has_b)
     out_cols, _ = _columns([w.shape[0] for w in w_text])
     low_cols, _ = _columns([a.shape[0] for a in w_vision_a])
-    empty = x.new_empty(0)
-    dx = torch.zeros_like(x) if need_x else empty
+    dx = torch.zeros_like(x) if need_x else x.new_empty(0)
     d_w_text, d_a, d_b = [], [], []
     for i, (t, a, b) in enumerate(zip(w_text, w_vision_a, w_vision_b)):
         needs = (need_x, need_w_text[i], need_a[i], b is not None and need_b[i])
-        low_i = low[:, low_cols[i]] if b is not None else empty
+        low_i = low[:, low_cols[i]] if b is not None else x.new_empty(0)
         grads = linear._torch_backward(grad_y[:, out_cols[i]], x, low_i, n_text, t, a, b, needs)
         if need_x:
             dx += grads[0]
@@ -109,24 +111,16 @@ def routed_projections_backward_op(grad_y: torch.Tensor, x: torch.Tensor, low: t
                                    w_vision_b: list[torch.Tensor], has_b: list[int], need_x: bool,
                                    need_w_text: list[bool], need_w_vision_a: list[bool], need_w_vision_b: list[bool],
                                    backend: str) -> list[torch.Tensor]:
-    """Registered backward: the gradients asked for, in the order dx, dw_text_i, dw_vision_a_i, dw_vision_b_j (one
-    per listed B factor); those not asked for are left out (a registered op may not return placeholders that alias
-    each other)."""
+    """Registered backward: [dx, dw_text_i..., dw_vision_a_i..., dw_vision_b_j...] (one per listed B factor); each
+    gradient not asked for is an empty [0] tensor (its own: outputs of a registered op may not alias each other)."""
     dx, d_w_text, d_a, d_b = TABLE.get(backend).backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, has_b,
                                                          need_x, need_w_text, need_w_vision_a, need_w_vision_b)
-    grads = [(dx, need_x), *zip(d_w_text, need_w_text), *zip(d_a, need_w_vision_a), *zip(d_b, need_w_vision_b)]
-    return [g for g, need in grads if need]
+    return [dx, *d_w_text, *d_a, *d_b]
 
 
 def _fake_forward(x, n_text, w_text, w_vision_a, w_vision_b, has_b, *backend):
     return (x.new_empty(x.shape[0], sum(w.shape[0] for w in w_text)),
             x.new_empty(x.shape[0] - n_text, sum(a.shape[0] for a in w_vision_a)))
-
-
-def _fake_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, has_b, need_x, need_w_text, need_a,
-                   need_b, *backend):
-    like = [(x, need_x), *zip(w_text, need_w_text), *zip(w_vision_a, need_a), *zip(w_vision_b, need_b)]
-    return [torch.empty_like(t) for t, need in like if need]
 
 
 def _fake_cpp_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, has_b, need_x, need_w_text, need_a,
@@ -136,6 +130,13 @@ def _fake_cpp_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, h
 
     return (torch.empty_like(x) if need_x else x.new_empty(0), grads(w_text, need_w_text), grads(w_vision_a, need_a),
             grads(w_vision_b, need_b))
+
+
+def _fake_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, has_b, need_x, need_w_text, need_a,
+                   need_b, *backend):
+    dx, d_w_text, d_a, d_b = _fake_cpp_backward(grad_y, x, low, n_text, w_text, w_vision_a, w_vision_b, has_b, need_x,
+                                                need_w_text, need_a, need_b)
+    return [dx, *d_w_text, *d_a, *d_b]
 
 
 torch.library.register_fake("libra::routed_projections")(_fake_forward)
@@ -164,8 +165,8 @@ def _backward(ctx, grad_y, _grad_low):
                                                 w_vision_b, ctx.has_b, need_x, need_w_text, need_a, need_b,
                                                 ctx.backend))
 
-    def take(needs):
-        return [next(grads) if n else None for n in needs]
+    def take(needs):  # the next len(needs) gradients, None where not asked for (their [0] placeholders)
+        return [g if n else None for g, n in zip([next(grads) for _ in needs], needs)]
 
     dx = take([need_x])[0]
     d_w_text, d_a, d_b = take(need_w_text), take(need_a), take(need_b)

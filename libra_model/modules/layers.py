@@ -10,33 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OPS = ("routed_linear", "routed_projections", "routed_swiglu", "routed_rms_norm", "rotary", "bridge_attention",
-       "discrete_token_cross_entropy")
-
-
-def op_backend(backend: str | dict, op: str) -> str:
-    """The backend name for ``op``: ``backend`` is one name for every operator or a dict {operator: name} (missing
-    operators use "auto")."""
-    if isinstance(backend, str):
-        return backend
-    return backend.get(op, "auto")
-
-
-def check_backend(backend) -> str | dict:
-    """Validate a model backend switch: "auto" | "torch" | "triton" | "cpp", or a dict {operator: that}."""
-    names = ("auto", "torch", "triton", "cpp")
-    if isinstance(backend, str):
-        if backend not in names:
-            raise ValueError(f"backend must be one of {names} or a dict {{operator: backend}}, got {backend!r}")
-        return backend
-    if isinstance(backend, dict):
-        for op, name in backend.items():
-            if op not in OPS:
-                raise ValueError(f"backend: unknown operator {op!r} (operators: {OPS})")
-            if name not in names:
-                raise ValueError(f"backend[{op!r}] must be one of {names}, got {name!r}")
-        return dict(backend)
-    raise TypeError(f"backend must be a str or a dict, got {type(backend).__name__}")
+# The model's backend switch is the library's: the blocks import it from here.
+from libra_kernels.backend import OPS as OPS
+from libra_kernels.backend import check_backend as check_backend
+from libra_kernels.backend import op_backend as op_backend
 
 
 class RMSNorm(nn.Module):

@@ -21,8 +21,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from libra_kernels.distributed import all_gather_flat
 from libra_model.modules.tensor_parallel import COLLECTIVES, tp_world_size
-from libra_model.parallel.comm import all_gather_flat
 
 # Flat buffers are reduced in slices of this many elements, so a collective never needs a second full-size buffer
 # (gloo and NCCL both work in place, but very large single messages stall gloo).

@@ -3,7 +3,7 @@
 TP is the innermost mesh dimension, so the ranks of one TP group are consecutive (on one node with torchrun's
 usual rank order). The backend is NCCL when CUDA is available and gloo otherwise. Without torchrun (no WORLD_SIZE
 in the environment and no process group) the run is a single process: every group is ``None`` and every collective
-of ``comm.py`` is the identity.
+helper treats it as a group of one (the identity).
 
 Seeding: the model is initialised with the same global seed on every rank (each full tensor is built and then
 sliced, so TP=1 and TP=k start bit-identical); only the data order depends on the DP rank, so the TP ranks of one

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from libra_kernels.distributed import all_gather_flat
 from libra_model.modules.tensor_parallel import REPLICATED, TPRule, tp_world_size
-from libra_model.parallel.comm import all_gather_flat
 
 
 def _rule(model: nn.Module, name: str) -> TPRule:

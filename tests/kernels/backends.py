@@ -2,7 +2,9 @@
 
 import torch
 
-from libra_kernels.ops import bridge_attention, cross_entropy, rms_norm, routed_linear
+from libra_kernels.ops import bridge_attention, routed_linear
+from libra_kernels.ops import discrete_token_cross_entropy as cross_entropy
+from libra_kernels.ops import routed_rms_norm as rms_norm
 
 
 def runnable(table, device="cpu"):

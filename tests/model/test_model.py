@@ -9,15 +9,9 @@ from model_fixtures import make_batch, randomize_parameters
 from naive_libra import naive_logits, naive_loss
 
 from libra_kernels import ModalityLayout
-from libra_kernels.ops import (
-    bridge_attention,
-    cross_entropy,
-    rms_norm,
-    rotary,
-    routed_linear,
-    routed_projections,
-    routed_swiglu,
-)
+from libra_kernels.ops import bridge_attention, rotary, routed_linear, routed_projections, routed_swiglu
+from libra_kernels.ops import discrete_token_cross_entropy as cross_entropy
+from libra_kernels.ops import routed_rms_norm as rms_norm
 from libra_kernels.testing import assert_close_to_ref
 from libra_model.config import LibraConfig
 from libra_model.model import LibraForCausalLM

@@ -1,7 +1,8 @@
-// Fused linear cross-entropy over one head: the chunked algorithm of DESIGN.md §4, the same on every device. GEMMs
-// go through ATen (cuBLAS on CUDA); the per-row work (online softmax, loss, logit gradient written in place) is the
-// device's row kernel: libra::xent::rows_cpu (csrc/cpu/cross_entropy.cpp) or rows_cuda (csrc/cuda/), both built
-// on the math of csrc/include/cross_entropy_math.h.
+// Driver of the fused linear cross-entropy over one head (the shared kernel of discrete_token_cross_entropy): the
+// chunked algorithm below, the same on every device. Checks, allocation and GEMMs go through ATen (cuBLAS on CUDA);
+// the per-row work (online softmax, loss, logit gradient written in place) is the device's row launcher:
+// libra::linear_cross_entropy_rows_cpu (csrc/cpu/linear_cross_entropy.cpp) or _cuda (csrc/cuda/), both built on the
+// math of csrc/include/linear_cross_entropy_math.h. Schema: csrc/ops.cpp.
 //
 // A head is S segments of K ids each (the text head: S = 1; the visual codebooks: S = C heads side by side, so
 // one GEMM serves all of them and dh sums their contributions inside the GEMM). For n rows:
@@ -21,42 +22,28 @@
 
 #include <algorithm>
 
-#include "cross_entropy_math.h"
+#include "driver.h"
 
 namespace {
 
-using libra::xent::Dtype;
 using libra::xent::Rows;
 
 constexpr int64_t kDefaultChunkElements = int64_t(1) << 23;
 constexpr const char* kOp = "linear_cross_entropy";
 
-Dtype dtype_code(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return Dtype::kFloat32;
-    case at::kDouble:
-      return Dtype::kFloat64;
-    case at::kHalf:
-      return Dtype::kFloat16;
-    case at::kBFloat16:
-      return Dtype::kBFloat16;
-    default:
-      TORCH_CHECK(false, kOp, ": unsupported dtype ", type);
-  }
-}
-
 void run_rows(const at::Tensor& logits, const Rows& rows) {
   if (rows.rows == 0 || rows.segments == 0) return;
-  const Dtype dtype = dtype_code(logits.scalar_type());
+  const libra::DType dtype = libra::dtype_code(logits.scalar_type(), kOp);
   if (logits.is_cuda()) {
+    libra::require_cuda_build(kOp);
 #if defined(LIBRA_WITH_CUDA)
-    libra::xent::rows_cuda(rows, dtype);
-#else
-    TORCH_CHECK(false, kOp, ": this build of the extension has no CUDA kernels");
+    TORCH_CHECK(rows.rows * rows.segments < (int64_t(1) << 31), kOp,
+                ": at most 2^31 - 1 (row, head) pairs per launch, got ", rows.rows * rows.segments);
+    libra::check_launch(libra::linear_cross_entropy_rows_cuda(rows, dtype, libra::current_stream()),
+                        "linear_cross_entropy row kernel");
 #endif
   } else {
-    libra::xent::rows_cpu(rows, dtype);
+    libra::linear_cross_entropy_rows_cpu(rows, dtype);
   }
 }
 
@@ -223,21 +210,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(libra, m) {
-  // One head of S segments with K ids each: h [n, hidden]; weight [S, K, hidden] (h's dtype); labels int64 [S, n]
-  // (local id = label - label_offset; ignore_index ignored); row_weights [S, n] float32 (float64 for float64 h,
-  // any strides) = d total / d loss(row, segment), or an empty [0] when no gradient is asked; lse [S, n]: given (the
-  // vocab-parallel global one) or None to compute it; dh: [n, hidden] written with the gradient of h, or an empty
-  // [0] to skip it.
-  // vocab: ids of a segment's full vocabulary (label-smoothing divisor). Returns (loss [S, n], stats [3, S, n] =
-  // (lse, target logit, sum of logits) of this buffer's ids, dW [S, K, hidden] or [0]); loss and stats are [0]
-  // when lse is given. chunk_elements <= 0 selects the default budget of the logits buffer.
-  m.def(
-      "linear_cross_entropy(Tensor h, Tensor weight, Tensor labels, Tensor row_weights, Tensor? lse, Tensor(a!) dh, "
-      "int label_offset, int ignore_index, int vocab, float label_smoothing, float z_loss_weight, bool need_dw, "
-      "int chunk_elements) -> (Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(libra, CPU, m) { m.impl("linear_cross_entropy", &linear_cross_entropy); }
 

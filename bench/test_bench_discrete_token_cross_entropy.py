@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from common import measure, peak_memory_mib
 
 from libra_kernels import discrete_token_cross_entropy, discrete_token_cross_entropy_ref
-from libra_kernels.ops.cross_entropy import TABLE
+from libra_kernels.ops.discrete_token_cross_entropy import TABLE
 from libra_kernels.testing import random_labels
 
 # (name, T, n_text, hidden, V, Vv, C): the pre and sft mixes of PERF.md with LLaMA-2-7B heads; small ones on the CPU.

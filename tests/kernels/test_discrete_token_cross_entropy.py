@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from backends import CROSS_ENTROPY
 
 from libra_kernels import discrete_token_cross_entropy
-from libra_kernels.ops.cross_entropy import discrete_token_cross_entropy_ref
+from libra_kernels.ops.discrete_token_cross_entropy import discrete_token_cross_entropy_ref
 from libra_kernels.testing import assert_close_to_ref, check_against_reference, random_labels
 
 CPP = [b for b in CROSS_ENTROPY if b == "cpp"]
@@ -328,7 +328,7 @@ def test_bad_arguments(change, error, match):
 
 
 def _cuda_backends():
-    from libra_kernels.ops.cross_entropy import TABLE
+    from libra_kernels.ops.discrete_token_cross_entropy import TABLE
 
     if not torch.cuda.is_available():
         return ["cpp"]

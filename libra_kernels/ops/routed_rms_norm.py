@@ -4,8 +4,11 @@ an optional fused residual add (``h = x + residual`` normalised, both returned: 
 Parts: the reference ``routed_rms_norm_ref``; the "torch" and "cpp" kernels; the registered operators
 ``torch.ops.libra.routed_rms_norm`` and ``torch.ops.libra.routed_add_rms_norm`` (+ the shared ``_backward``) with
 fake implementations and autograd; the public ``routed_rms_norm``. The C++ kernels are
-``torch.ops.libra.routed_rms_norm_fwd``, ``routed_add_rms_norm_fwd`` and ``routed_rms_norm_bwd`` (csrc/: a CPU
-kernel and one CUDA launch for both groups).
+``torch.ops.libra.routed_rms_norm_fwd``, ``routed_add_rms_norm_fwd`` and ``routed_rms_norm_bwd`` (driver
+csrc/routed_rms_norm.cpp: a CPU kernel and one CUDA launch for both groups).
+
+Unrequested gradients: every registered backward op (``_backward`` here, the C++ ``*_bwd``) returns an empty
+[0] tensor, its own, for each gradient not asked for; the autograd formula hands autograd None for it.
 """
 
 from __future__ import annotations
@@ -67,9 +70,8 @@ def _torch_backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad,
     dx = rstd[:, None] * (dxhat - xhat * mean_dot)
     if grad_h is not None:
         dx = dx + grad_h.to(acc)
-    empty = x.new_empty(0)
-    dw_text = (grad[:n_text] * xhat[:n_text]).sum(0).to(x.dtype) if need_w_text_grad else empty
-    dw_vision = (grad[n_text:] * xhat[n_text:]).sum(0).to(x.dtype) if need_w_vision_grad else empty
+    dw_text = (grad[:n_text] * xhat[:n_text]).sum(0).to(x.dtype) if need_w_text_grad else x.new_empty(0)
+    dw_vision = (grad[n_text:] * xhat[n_text:]).sum(0).to(x.dtype) if need_w_vision_grad else x.new_empty(0)
     return dx.to(x.dtype), dw_text, dw_vision
 
 
@@ -110,13 +112,12 @@ def routed_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, n_text: int,
 def routed_rms_norm_backward_op(grad_y: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, n_text: int,
                                 w_text: torch.Tensor, w_vision: torch.Tensor, need_w_text_grad: bool,
                                 need_w_vision_grad: bool, backend: str, grad_h: torch.Tensor | None = None
-                                ) -> list[torch.Tensor]:
-    """Registered backward: [dx [T, D], then dw_text [D] if asked for, then dw_vision [D] if asked for]. The
-    gradients not asked for are left out (a registered op may not return placeholders that alias each other).
-    grad_h [T, D] (the gradient that reached the fused sum directly) is added to dx when given."""
-    dx, dw_text, dw_vision = TABLE.get(backend).backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad,
-                                                         need_w_vision_grad, grad_h)
-    return [dx] + [g for g, need in ((dw_text, need_w_text_grad), (dw_vision, need_w_vision_grad)) if need]
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered backward: (dx [T, D], dw_text [D], dw_vision [D]); a weight gradient not asked for is an empty [0]
+    tensor (its own: outputs of a registered op may not alias each other). grad_h [T, D] (the gradient that reached
+    the fused sum directly) is added to dx when given."""
+    return TABLE.get(backend).backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad,
+                                       need_w_vision_grad, grad_h)
 
 
 def _fake_forward(x, n_text, w_text, w_vision, eps, *backend):
@@ -128,12 +129,6 @@ def _fake_add_forward(x, residual, n_text, w_text, w_vision, eps, *backend):
 
 
 def _fake_backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad, need_w_vision_grad, *rest):
-    return [torch.empty_like(x)] + [x.new_empty(x.shape[1]) for need in (need_w_text_grad, need_w_vision_grad)
-                                    if need]
-
-
-def _fake_cpp_backward(grad_y, x, rstd, n_text, w_text, w_vision, need_w_text_grad, need_w_vision_grad,
-                       grad_h=None):
     width = x.shape[1]
     return (torch.empty_like(x), x.new_empty(width if need_w_text_grad else 0),
             x.new_empty(width if need_w_vision_grad else 0))
@@ -145,7 +140,7 @@ torch.library.register_fake("libra::routed_rms_norm_backward")(_fake_backward)
 if _ext.cpp_extension_loaded():
     torch.library.register_fake("libra::routed_rms_norm_fwd")(_fake_forward)
     torch.library.register_fake("libra::routed_add_rms_norm_fwd")(_fake_add_forward)
-    torch.library.register_fake("libra::routed_rms_norm_bwd")(_fake_cpp_backward)
+    torch.library.register_fake("libra::routed_rms_norm_bwd")(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -157,10 +152,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_rstd):
     x, rstd, w_text, w_vision = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grads = iter(routed_rms_norm_backward_op(grad_y, x, rstd, ctx.n_text, w_text, w_vision, need[2], need[3],
-                                             ctx.backend))
-    dx = next(grads)
-    dw_text, dw_vision = (next(grads) if n else None for n in (need[2], need[3]))
+    dx, dw_text, dw_vision = routed_rms_norm_backward_op(grad_y, x, rstd, ctx.n_text, w_text, w_vision, need[2],
+                                                         need[3], ctx.backend)
+    dw_text, dw_vision = (g if n else None for g, n in ((dw_text, need[2]), (dw_vision, need[3])))
     return dx, None, dw_text, dw_vision, None, None
 
 
@@ -185,10 +179,9 @@ def _add_backward(ctx, grad_y, grad_h, _grad_rstd):
         if grad_h is None:
             return (None,) * 7
         grad_y = torch.zeros_like(h)
-    grads = iter(routed_rms_norm_backward_op(grad_y, h, rstd, ctx.n_text, w_text, w_vision, need_w_text,
-                                             need_w_vision, ctx.backend, grad_h))
-    dh = next(grads)
-    dw_text, dw_vision = (next(grads) if n else None for n in (need_w_text, need_w_vision))
+    dh, dw_text, dw_vision = routed_rms_norm_backward_op(grad_y, h, rstd, ctx.n_text, w_text, w_vision, need_w_text,
+                                                         need_w_vision, ctx.backend, grad_h)
+    dw_text, dw_vision = (g if n else None for g, n in ((dw_text, need_w_text), (dw_vision, need_w_vision)))
     # d(x + residual)/dx = d/d(residual) = identity: both inputs receive dh.
     return dh if need[0] else None, dh if need[1] else None, None, dw_text, dw_vision, None, None
 

@@ -1,10 +1,13 @@
-// CPU row kernel of the fused linear cross-entropy (csrc/cross_entropy.cpp): for each (row, segment) of a logits
-// buffer, the online softmax statistics and the loss, and/or the gradient of the logits written in place. The
-// arithmetic is the LIBRA_HD math of cross_entropy_math.h, the same the CUDA kernel runs.
-#include <ATen/ATen.h>
+// CPU row kernel of the fused linear cross-entropy (driver: csrc/linear_cross_entropy.cpp): for each (row, segment)
+// of a logits buffer, the online softmax statistics and the loss, and/or the gradient of the logits written in
+// place. The arithmetic is the LIBRA_HD math of linear_cross_entropy_math.h, the same the CUDA kernel runs.
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
-#include "cross_entropy_math.h"
+#include <algorithm>
+
+#include "launchers.h"
 
 namespace {
 
@@ -47,20 +50,18 @@ void rows_kernel(const Rows& a) {
 }  // namespace
 
 namespace libra {
-namespace xent {
 
-void rows_cpu(const Rows& args, Dtype dtype) {
+void linear_cross_entropy_rows_cpu(const xent::Rows& args, DType dtype) {
   switch (dtype) {
-    case Dtype::kFloat32:
+    case DType::kFloat32:
       return rows_kernel<float, float>(args);
-    case Dtype::kFloat64:
+    case DType::kFloat64:
       return rows_kernel<double, double>(args);
-    case Dtype::kFloat16:
+    case DType::kFloat16:
       return rows_kernel<c10::Half, float>(args);
-    case Dtype::kBFloat16:
+    case DType::kBFloat16:
       return rows_kernel<c10::BFloat16, float>(args);
   }
 }
 
-}  // namespace xent
 }  // namespace libra

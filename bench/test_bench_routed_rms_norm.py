@@ -8,7 +8,7 @@ import torch
 from common import measure, peak_memory_mib
 
 from libra_kernels import routed_rms_norm, routed_rms_norm_ref
-from libra_kernels.ops.rms_norm import TABLE
+from libra_kernels.ops.routed_rms_norm import TABLE
 
 # (name, T, n_text, D): the PERF.md pre and sft mixes; a quarter of the rows on the CPU to keep the suite quick.
 GPU_SHAPES = [("pre", 5120, 8 * (640 - 578), 4096), ("sft", 4096, 2 * (2048 - 578), 4096)]

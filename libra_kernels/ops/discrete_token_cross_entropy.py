@@ -1,5 +1,5 @@
 """Discrete-token softmax: Libra's next-token cross-entropy over the text vocabulary (text rows) and over each
-visual codebook (vision rows), on the sorted final hidden states (LIBRA.md §5, DESIGN.md §3).
+visual codebook (vision rows), on the sorted final hidden states (docs/model.md, the loss; docs/operators.md).
 
 Labels live in Libra's combined id space: text ids in [0, V), codebook ids in [V, V + Vv), or ignore_index.
 Text row r uses the text head with target labels[0, r] (equal in every codebook row); vision row r of codebook c
@@ -12,25 +12,29 @@ Options, on both groups: ``label_smoothing`` eps spreads eps of the target mass 
 vocabulary (V for text rows, Vv for vision rows: the -inf entries of the concatenated logits get none), and
 ``z_loss_weight`` w adds w·logsumexp² per valid target (returned separately, detached, by ``return_z_loss``).
 
-The "cpp" backend is the fused C++/CUDA operator ``torch.ops.libra.linear_cross_entropy`` (csrc/cross_entropy.cpp),
-called once for the text head and once for all codebook heads side by side, so text rows are computed once however
-many codebooks there are. It never materialises the logits: row chunks of logits by GEMM, a row kernel for the loss
-and the logit gradient (written in place), dh and dW by GEMM; the chunk budget is documented in that file. The
-gradients are produced in the forward pass for grad_output = 1 and the backward only scales them by grad_output,
-in place unless the graph is retained for another backward. For reduction="none" grad_output is one weight per
-element, which the forward cannot know: that forward computes only the loss and the log-sum-exp, and the backward
-runs the kernel again with the saved log-sum-exp (one more logits GEMM, no second softmax pass).
+The "cpp" backend is the fused C++/CUDA operator ``torch.ops.libra.linear_cross_entropy``
+(csrc/linear_cross_entropy.cpp), called once for the text head and once for all codebook heads side by side, so text
+rows are computed once however many codebooks there are. It never materialises the logits: row chunks of logits by
+GEMM, a row kernel for the loss and the logit gradient (written in place), dh and dW by GEMM; the chunk budget is
+documented in that file. The gradients are produced in the forward pass for grad_output = 1 and the backward only
+scales them by grad_output, in place unless the graph is retained for another backward. For reduction="none"
+grad_output is one weight per element, which the forward cannot know: that forward computes only the loss and the
+log-sum-exp, and the backward runs the kernel again with the saved log-sum-exp (one more logits GEMM, no second
+softmax pass).
 
 Vocab parallelism (``process_group``): w_text is this rank's shard, rows [rank·V/tp, (rank+1)·V/tp) of the text
-head; vision heads are replicated. The text head's per-row log-sum-exp, target logit and sum of logits are
-reduced over the group (two all-reduces for the whole call), then the kernel runs again with the global
-log-sum-exp to produce the gradients (one extra local logits GEMM instead of one collective per chunk), and the
-text rows' partial dh is all-reduced. Every rank gets the full loss, the full dh, its shard's dW and the full
-(identical) vision dW. The "torch" backend all-gathers the text head and runs the unsharded reference.
+head; vision heads are replicated. The protocol (two all-reduces of the text rows' statistics, the kernel again with
+the global log-sum-exp for the gradients, an all-reduce of the text rows' partial dh; the "torch" backend
+all-gathers the text head) is in libra_kernels/ops/vocab_parallel.py. Every rank gets the full loss, the full dh,
+its shard's dW and the full (identical) vision dW.
 
 Parts: the reference ``discrete_token_cross_entropy_ref``; the "torch" and "cpp" kernels; the registered operator
 ``torch.ops.libra.discrete_token_cross_entropy`` (+ ``_backward``) with fake implementations and autograd; the
 public ``discrete_token_cross_entropy``.
+
+Unrequested gradients: the registered ops (the operator's gradients for grad_output = 1, ``_backward``, and the
+C++ ``linear_cross_entropy``'s dW) return an empty [0] tensor, its own, for each gradient not asked for; the
+autograd formula hands autograd None for it.
 """
 
 from __future__ import annotations
@@ -39,11 +43,11 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from libra_kernels import _ext
 from libra_kernels.backend import Kernel, KernelTable, always_available
+from libra_kernels.ops import vocab_parallel as vp
 from libra_kernels.validation import check_floating, check_like, check_n_text, check_shape, check_tensor
 
 OP = "discrete_token_cross_entropy"
@@ -61,10 +65,6 @@ class _Options(NamedTuple):
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
-
-
-def _group(name: str):
-    return dist.distributed_c10d._resolve_process_group(name) if name else None
 
 
 # ---- reference
@@ -118,23 +118,6 @@ def _codebook_weights(valid, reduction, stat):
 # ---- "torch" backend: the reference formulas with an explicit backward
 
 
-def _gather_rows(weight, group):
-    """The full text head from the shards of ``group`` (identity without a group)."""
-    if group is None:
-        return weight
-    full = weight.new_empty((dist.get_world_size(group) * weight.shape[0], *weight.shape[1:]))
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(full, weight.contiguous(), group=group)
-    return full
-
-
-def _own_rows(full_grad, shard_rows, group):
-    if group is None or full_grad.numel() == 0:
-        return full_grad
-    rank = dist.get_rank(group)
-    return full_grad[rank * shard_rows:(rank + 1) * shard_rows].contiguous()
-
-
 def _torch_logit_grad(logits, target, valid, weight, opts, stat):
     """Gradient of Σ_r weight[r]·loss[r] with respect to the logits [n, K] of one head."""
     z = logits.to(stat)
@@ -176,8 +159,8 @@ def _torch_lse(h, n_text, w_text, w_vision, stat):
 
 
 def _torch_forward(h, n_text, w_text, w_vision, labels, needs, opts):
-    group = _group(opts.group_name)
-    w_full = _gather_rows(w_text, group)
+    group = vp.resolve_group(opts.group_name)
+    w_full = vp.gather_rows(w_text, group)
     stat = _loss_dtype(h.dtype)
     with torch.no_grad():
         loss, z_loss = discrete_token_cross_entropy_ref(
@@ -189,16 +172,16 @@ def _torch_forward(h, n_text, w_text, w_vision, labels, needs, opts):
             valid = labels != opts.ignore_index
             weights = _codebook_weights(valid, opts.reduction, stat)[:, None].expand(labels.shape)
             dh, d_w_text, d_w_vision = _torch_grads(h, n_text, w_full, w_vision, labels, weights, needs, opts)
-            grads = (dh, _own_rows(d_w_text, w_text.shape[0], group), d_w_vision)
+            grads = (dh, vp.own_rows(d_w_text, w_text.shape[0], group), d_w_vision)
     return (loss, z_loss, *grads, lse)
 
 
 def _torch_backward(grad_out, h, n_text, w_text, w_vision, labels, lse, needs, opts):
-    group = _group(opts.group_name)
+    group = vp.resolve_group(opts.group_name)
     with torch.no_grad():
-        dh, d_w_text, d_w_vision = _torch_grads(h, n_text, _gather_rows(w_text, group), w_vision, labels,
+        dh, d_w_text, d_w_vision = _torch_grads(h, n_text, vp.gather_rows(w_text, group), w_vision, labels,
                                                 grad_out.to(_loss_dtype(h.dtype)), needs, opts)
-    return dh, _own_rows(d_w_text, w_text.shape[0], group), d_w_vision
+    return dh, vp.own_rows(d_w_text, w_text.shape[0], group), d_w_vision
 
 
 # ---- "cpp" backend: the fused C++/CUDA operator, once per head
@@ -213,31 +196,21 @@ def _cpp_head(h, weight, labels, row_weights, lse, dh, label_offset, vocab, need
 
 def _cpp_text_head(h, w_text, labels, row_weights, dh, need_dw, opts):
     """The text head, vocab-parallel when opts names a group: (loss [1, n], lse [1, n], dW [1, V/tp, hidden])."""
-    group = _group(opts.group_name)
+    group = vp.resolve_group(opts.group_name)
     if group is None:
         loss, stats, d_w = _cpp_head(h, w_text[None], labels, row_weights, None, dh, 0, w_text.shape[0], need_dw,
                                      opts)
         return loss, stats[0], d_w
-    tp, rank, shard = dist.get_world_size(group), dist.get_rank(group), w_text.shape[0]
-    vocab = tp * shard
+    vocab, start = vp.full_vocab(w_text, group), vp.shard_start(w_text, group)
     no = h.new_empty(0)
-    _, stats, _ = _cpp_head(h, w_text[None], labels, no, None, no, rank * shard, vocab, False, opts)
-    # Global log-sum-exp from the shards' ones; the target logit and the sum of logits are plain sums.
-    local_lse = stats[0, 0]
-    lse_max = local_lse.clone()
-    dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
-    sums = torch.stack([(local_lse - lse_max).exp(), stats[1, 0], stats[2, 0]])
-    dist.all_reduce(sums, group=group)
-    lse = lse_max + sums[0].log()
-    eps, z_weight = opts.label_smoothing, opts.z_loss_weight
-    loss = lse - (1 - eps) * sums[1] - eps / vocab * sums[2] + z_weight * lse.square()
-    loss = torch.where(labels[0] != opts.ignore_index, loss, 0)
+    _, stats, _ = _cpp_head(h, w_text[None], labels, no, None, no, start, vocab, False, opts)
+    loss, lse = vp.combine_text_statistics(stats[:, 0], labels[0] != opts.ignore_index, vocab, opts.label_smoothing,
+                                           opts.z_loss_weight, group)
     d_w = no
     if dh.dim() == 2 or need_dw:
-        _, _, d_w = _cpp_head(h, w_text[None], labels, row_weights, lse[None], dh, rank * shard, vocab, need_dw,
-                              opts)
+        _, _, d_w = _cpp_head(h, w_text[None], labels, row_weights, lse[None], dh, start, vocab, need_dw, opts)
         if dh.dim() == 2:
-            dist.all_reduce(dh, group=group)
+            vp.all_reduce_partial(dh, group)
     return loss[None], lse[None], d_w
 
 
@@ -254,9 +227,9 @@ def _combine(text, vision, valid, reduction):
 
 def _cpp_forward(h, n_text, w_text, w_vision, labels, needs, opts):
     stat = _loss_dtype(h.dtype)
-    group = _group(opts.group_name)
+    group = vp.resolve_group(opts.group_name)
     codebooks, vision_vocab = w_vision.shape[:2]
-    vocab = w_text.shape[0] * (dist.get_world_size(group) if group is not None else 1)
+    vocab = vp.full_vocab(w_text, group)
     valid = labels != opts.ignore_index
     no = h.new_empty(0)
     grads_now = opts.reduction != "none" and any(needs)
@@ -285,9 +258,9 @@ def _cpp_forward(h, n_text, w_text, w_vision, labels, needs, opts):
 
 def _cpp_backward(grad_out, h, n_text, w_text, w_vision, labels, lse, needs, opts):
     stat = _loss_dtype(h.dtype)
-    group = _group(opts.group_name)
+    group = vp.resolve_group(opts.group_name)
     need_h, need_w_text, need_w_vision = needs
-    vocab = w_text.shape[0] * (dist.get_world_size(group) if group is not None else 1)
+    vocab = vp.full_vocab(w_text, group)
     weights = grad_out.to(stat)
     no = h.new_empty(0)
     dh = torch.empty_like(h) if need_h else no
@@ -296,13 +269,13 @@ def _cpp_backward(grad_out, h, n_text, w_text, w_vision, labels, lse, needs, opt
         _, _, d_w_vision = _cpp_head(h[n_text:], w_vision, labels[:, n_text:], weights[:, n_text:], lse[:, n_text:],
                                      dh[n_text:] if need_h else no, vocab, w_vision.shape[1], need_w_vision, opts)
     if need_h or need_w_text:
-        shard_start = dist.get_rank(group) * w_text.shape[0] if group is not None else 0
+        shard_start = vp.shard_start(w_text, group)
         dh_text = dh[:n_text] if need_h else no
         _, _, d_w_text = _cpp_head(h[:n_text], w_text[None], labels[:1, :n_text],
                                    weights[:, :n_text].sum(0, keepdim=True), lse[:1, :n_text], dh_text, shard_start,
                                    vocab, need_w_text, opts)
         if group is not None and need_h:
-            dist.all_reduce(dh_text, group=group)
+            vp.all_reduce_partial(dh_text, group)
     d_w_text = d_w_text.view(w_text.shape) if need_w_text else h.new_empty(0)
     return dh, d_w_text, d_w_vision if need_w_vision else h.new_empty(0)
 
@@ -330,8 +303,7 @@ def discrete_token_cross_entropy_op(h: torch.Tensor, n_text: int, w_text: torch.
     # Label values are checked here, inside the operator, so a compiled graph checks them too (one host read);
     # ``check_labels=False`` skips that read for callers that validated the labels on the host already.
     if check_labels:
-        group = _group(group_name)
-        vocab = w_text.shape[0] * (dist.get_world_size(group) if group is not None else 1)
+        vocab = vp.full_vocab(w_text, vp.resolve_group(group_name))
         validate_labels(labels, n_text, vocab, w_vision.shape[1], ignore_index)
     return TABLE.get(backend).forward(h, n_text, w_text, w_vision, labels, tuple(needs), opts)
 
@@ -462,16 +434,6 @@ def _check_number(name, value, low, high=math.inf):
         raise ValueError(f"{OP}: {name} must be in [{low}, {high}], got {value}")
 
 
-def _check_group(process_group) -> str:
-    """The group's name; "" without vocab parallelism (no group, or a group of one rank)."""
-    if process_group is None:
-        return ""
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"{OP}: process_group must be a torch.distributed ProcessGroup or None, "
-                        f"got {type(process_group).__name__}")
-    return process_group.group_name if dist.get_world_size(process_group) > 1 else ""
-
-
 def _validate(h, n_text, w_text, w_vision, labels, ignore_index, reduction, label_smoothing, z_loss_weight,
               chunk_elements) -> None:
     check_tensor(OP, "h", h, ndim=2)
@@ -533,7 +495,7 @@ def discrete_token_cross_entropy(h: torch.Tensor, n_text: int, w_text: torch.Ten
     Raises:
         ValueError on a label of the wrong modality or out of range, or text labels that differ across rows.
     """
-    group_name = _check_group(process_group)
+    group_name = vp.group_name(OP, process_group)
     _validate(h, n_text, w_text, w_vision, labels, ignore_index, reduction, label_smoothing, z_loss_weight,
               chunk_elements)
     name = TABLE.resolve(backend, h.device)

@@ -1,28 +1,24 @@
-// CUDA row kernel of the fused linear cross-entropy (csrc/cross_entropy.cpp): one thread block per (row, segment)
-// of a logits buffer. First sweep: online softmax (running max and sum, float32) plus the sum of the logits, reduced
-// over the block, giving the loss and the statistics. Second sweep: the gradient of every logit written in place,
-// ready for the dh and dW GEMMs. The arithmetic is the LIBRA_HD math of cross_entropy_math.h, the same the CPU
+// CUDA row kernel of the fused linear cross-entropy (driver: csrc/linear_cross_entropy.cpp): one thread block per
+// (row, segment) of a logits buffer. First sweep: online softmax (running max and sum, float32) plus the sum of the
+// logits, reduced over the block, giving the loss and the statistics. Second sweep: the gradient of every logit
+// written in place, ready for the dh and dW GEMMs. The arithmetic is the LIBRA_HD math of linear_cross_entropy_math.h, the same the CPU
 // kernel runs. Offsets are 64-bit (row * ld exceeds 2^31 for large chunks); ids within a row are 32-bit.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "cross_entropy_math.h"
+#include "launchers.h"
 
 namespace {
 
 using libra::xent::Rows;
 
-// Element conversions and the accumulator type come from libra_common.h.
+// Element conversions, the accumulator type and the vector pack (VEC consecutive logits moved by one aligned load or
+// store: 16 bytes when vectorised, one element otherwise) come from libra_common.h.
 using libra::cuda::Acc;
 using libra::cuda::from_acc;
+using libra::cuda::Pack;
 using libra::cuda::to_acc;
-
-// VEC consecutive logits moved by one aligned load or store (16 bytes when vectorised, one element otherwise).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
 
 template <typename scalar_t, int THREADS, int VEC>
 __global__ void __launch_bounds__(THREADS) rows_kernel(Rows a) {
@@ -123,17 +119,21 @@ cudaError_t launch(const Rows& a, cudaStream_t stream) {
 
 }  // namespace
 
-// dtype: a libra::xent::Dtype code. The caller guarantees rows * segments < 2^31 (one block each).
-extern "C" cudaError_t libra_xent_rows_cuda(const Rows* args, int dtype, cudaStream_t stream) {
-  switch (static_cast<libra::xent::Dtype>(dtype)) {
-    case libra::xent::Dtype::kFloat32:
-      return launch<float>(*args, stream);
-    case libra::xent::Dtype::kFloat64:
-      return launch<double>(*args, stream);
-    case libra::xent::Dtype::kFloat16:
-      return launch<__half>(*args, stream);
-    case libra::xent::Dtype::kBFloat16:
-      return launch<__nv_bfloat16>(*args, stream);
+namespace libra {
+
+// The caller guarantees rows * segments < 2^31 (one block each).
+cudaError_t linear_cross_entropy_rows_cuda(const xent::Rows& args, DType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch<float>(args, stream);
+    case DType::kFloat64:
+      return launch<double>(args, stream);
+    case DType::kFloat16:
+      return launch<__half>(args, stream);
+    case DType::kBFloat16:
+      return launch<__nv_bfloat16>(args, stream);
   }
   return cudaErrorInvalidValue;
 }
+
+}  // namespace libra

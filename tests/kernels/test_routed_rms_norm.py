@@ -5,8 +5,8 @@ import torch
 from backends import RMS_NORM
 
 from libra_kernels import routed_rms_norm
-from libra_kernels.ops import rms_norm as norm_module
-from libra_kernels.ops.rms_norm import routed_rms_norm_ref
+from libra_kernels.ops import routed_rms_norm as norm_module
+from libra_kernels.ops.routed_rms_norm import routed_rms_norm_ref
 from libra_kernels.testing import assert_close_to_ref, assert_graph_replays_like_eager, check_against_reference
 
 

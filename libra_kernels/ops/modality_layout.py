@@ -1,39 +1,20 @@
-"""The sorted modality layout (DESIGN.md §2): text rows first, then vision rows, each in (batch, position) order.
+"""The sorted modality layout: text rows first, then vision rows, each in (batch, position) order.
 
-Two implementations: the C++ ops ``torch.ops.libra.modality_layout`` (the layout built on the device in one pass,
-no host synchronisation inside) and ``torch.ops.libra.permute_rows`` (the sort/unsort gathers, whose backward is
-the gather by the inverse permutation), used when the extension is built; and a PyTorch fallback (argsort and
-index_select). ``backend="auto" | "torch" | "cpp"`` picks one; ``LIBRA_BACKEND=torch`` forces the fallback.
+Two implementations, chosen by the library's one backend switch (:class:`libra_kernels.backend.KernelTable`,
+``backend="auto" | "torch" | "cpp"``, ``LIBRA_BACKEND`` included): the C++ ops ``torch.ops.libra.modality_layout``
+(the layout built on the device in one pass, no host synchronisation inside) and ``torch.ops.libra.permute_rows``
+(the sort/unsort gathers, whose backward is the gather by the inverse permutation), used when the extension is
+built; and a PyTorch fallback (argsort and index_select).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from libra_kernels import _ext
-
-BACKENDS = ("torch", "cpp")
-
-
-def _cpp_available(device: torch.device) -> bool:
-    return _ext.has_kernel("modality_layout", device) and _ext.has_kernel("permute_rows", device)
-
-
-@torch.compiler.assume_constant_result
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The layout implementation for ``device``: "cpp" or "torch" (see the module docstring)."""
-    if backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"ModalityLayout: backend must be one of 'auto', 'torch', 'cpp'; got {backend!r}")
-    if backend == "cpp" and not _cpp_available(device):
-        raise RuntimeError(f"ModalityLayout: backend 'cpp' cannot run on {device.type}: the C++ extension is not "
-                           f"built with {device.type} kernels; {_ext.BUILD_HINT}")
-    if backend == "auto":
-        preferred = os.environ.get("LIBRA_BACKEND", "auto")
-        return "cpp" if preferred != "torch" and _cpp_available(device) else "torch"
-    return backend
+from libra_kernels.backend import Kernel, KernelTable, always_available
 
 
 def _build_torch(vision_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,21 +28,51 @@ def _build_torch(vision_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return sort_index, row_of.view(vision_mask.shape), counts
 
 
+def _permute_torch(x: torch.Tensor, index: torch.Tensor, inverse_index: torch.Tensor) -> torch.Tensor:
+    return x.index_select(0, index)
+
+
+def _cpp_unavailable(device: torch.device) -> str:
+    return _ext.cpp_kernel_unavailable("modality_layout")(device) or _ext.cpp_kernel_unavailable("permute_rows")(device)
+
+
+def _build_cpp(vision_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.libra.modality_layout(vision_mask)
+
+
+def _permute_cpp(x: torch.Tensor, index: torch.Tensor, inverse_index: torch.Tensor) -> torch.Tensor:
+    return torch.ops.libra.permute_rows(x, index, inverse_index)
+
+
+# TABLE builds the layout and picks the layout's backend; PERMUTE_TABLE holds the same backends' row permutation
+# (sort and unsort). Neither has a backward kernel: building is not differentiable, and autograd differentiates each
+# permutation by itself (the C++ op's gradient, registered below, is the gather by the inverse).
+_AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cpp",)}
+TABLE = KernelTable("ModalityLayout", auto_order=_AUTO_ORDER)
+TABLE.register("torch", Kernel(_build_torch, None, always_available))
+TABLE.register("cpp", Kernel(_build_cpp, None, _cpp_unavailable))
+PERMUTE_TABLE = KernelTable("permute_rows", auto_order=_AUTO_ORDER)
+PERMUTE_TABLE.register("torch", Kernel(_permute_torch, None, always_available))
+PERMUTE_TABLE.register("cpp", Kernel(_permute_cpp, None, _cpp_unavailable))
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The layout implementation for ``device``: "cpp" or "torch" (``KernelTable.resolve``: ValueError for an unknown
+    name, RuntimeError when "cpp" cannot run there)."""
+    return TABLE.resolve(backend, device)
+
+
 def build_layout(vision_mask: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layout tensors of a bool [B, N] mask, on its device, with nothing read back to the host:
     (sort_index int64 [T], row_of int64 [B, N], counts int64 [2] = (n_text, n_vision))."""
-    if resolve_backend(backend, vision_mask.device) == "cpp":
-        return torch.ops.libra.modality_layout(vision_mask)
-    return _build_torch(vision_mask)
+    return TABLE.get(resolve_backend(backend, vision_mask.device)).forward(vision_mask)
 
 
 def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse_index: torch.Tensor, backend: str = "auto"
                  ) -> torch.Tensor:
     """out[r] = x[index[r]] for x [T, ...] of any dtype (differentiable); index int64 [T] is a permutation and
     inverse_index its inverse (the backward gathers with it)."""
-    if resolve_backend(backend, x.device) == "cpp":
-        return torch.ops.libra.permute_rows(x, index, inverse_index)
-    return x.index_select(0, index)
+    return PERMUTE_TABLE.get(resolve_backend(backend, x.device)).forward(x, index, inverse_index)
 
 
 if _ext.cpp_extension_loaded():

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from libra_kernels import discrete_token_cross_entropy
-from libra_kernels.ops.cross_entropy import TABLE
+from libra_kernels.ops.discrete_token_cross_entropy import TABLE
 from libra_kernels.testing import assert_close_to_ref, random_labels, run_in_process_group
 
 pytestmark = pytest.mark.dist

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from libra_kernels import ModalityLayout, cpp_extension_loaded
-from libra_kernels.layout import build_layout, permute_rows, resolve_backend
+from libra_kernels.ops.modality_layout import build_layout, permute_rows, resolve_backend
 from libra_kernels.testing import random_vision_mask
 
 BACKENDS = ["torch"] + (["cpp"] if resolve_backend("auto", torch.device("cpu")) == "cpp" else [])

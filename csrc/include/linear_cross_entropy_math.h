@@ -1,6 +1,6 @@
-// Per-row math of the fused linear cross-entropy (csrc/cross_entropy.cpp), shared by the CPU kernel
-// (csrc/cpu/cross_entropy.cpp) and the CUDA kernel (csrc/cuda/cross_entropy.cu), so the CPU tests run the very
-// arithmetic the GPU runs. No torch headers: nvcc compiles this quickly.
+// Per-row math of the fused linear cross-entropy (csrc/linear_cross_entropy.cpp), shared by the CPU kernel
+// (csrc/cpu/linear_cross_entropy.cpp) and the CUDA kernel (csrc/cuda/linear_cross_entropy.cu), so the CPU tests run
+// the very arithmetic the GPU runs. No torch headers: nvcc compiles this quickly.
 //
 // A "row" is one (token, head segment) pair: z[0, width) are its logits over the ids of this buffer (a whole
 // codebook, the text head, this rank's text shard, or a block of ids for the weight-gradient pass), y its target.
@@ -20,9 +20,6 @@
 
 namespace libra {
 namespace xent {
-
-// Element type of the logits buffer, passed as a code because the CUDA launcher takes raw pointers.
-enum class Dtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // Everything one kernel launch needs; pointers are already offset to the launch's first row. Accumulator-typed
 // pointers (acc_t: float, double for float64 logits) are void* so one struct serves every element type.
@@ -148,12 +145,6 @@ template <typename acc_t>
 LIBRA_HD acc_t given_lse(const Rows& a, int64_t row, int64_t segment) {
   return static_cast<const acc_t*>(a.lse_in)[segment * a.out_stride + row];
 }
-
-// The row kernels of each device (same contract): compute statistics and/or write gradients in place.
-void rows_cpu(const Rows& args, Dtype dtype);
-#if defined(LIBRA_WITH_CUDA)
-void rows_cuda(const Rows& args, Dtype dtype);
-#endif
 
 }  // namespace xent
 }  // namespace libra
