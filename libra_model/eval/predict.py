@@ -1,6 +1,6 @@
 """Batched generation of evaluation answers with the evaluation prompts.
 
-Prompts (docs/model.md, templates): captions use the base-model prompt ``<s>`` + image + "\\n" (the pretraining
+Prompts: captions use the base-model prompt ``<s>`` + image + "\\n" (the pretraining
 caption template without its caption); VQA uses the "v1" chat template with the image first and the question
 followed by the short-answer instruction below, ending in "ASSISTANT:". Decoding is greedy unless ``num_beams`` asks
 for beam search. An answer is the generated text up to EOS, cut at its first newline and stripped.
