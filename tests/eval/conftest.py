@@ -14,7 +14,8 @@ EVAL_EVERY, STEPS = 2, 4
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """{"processor": dir, "output": run dir, "hf": exported model dir, "summary": train()'s summary}."""
+    """{"processor": dir, "output": run dir, "hf": exported model dir, "summary": train()'s summary, "eval_every",
+    "steps"}."""
     from libra_model.trainer import train
 
     processor = build_processor_dir(tmp_path_factory.mktemp("processor"))
@@ -22,4 +23,5 @@ def trained_run(tmp_path_factory):
     config = small_config(processor, output, max_steps=STEPS, save_every=STEPS, export_hf=True,
                           eval_every=EVAL_EVERY, eval_samples=3, caption_max_new_tokens=8)
     summary = train(config)
-    return {"processor": processor, "output": str(output), "hf": os.path.join(output, "hf"), "summary": summary}
+    return {"processor": processor, "output": str(output), "hf": os.path.join(output, "hf"), "summary": summary,
+            "eval_every": EVAL_EVERY, "steps": STEPS}

@@ -8,16 +8,16 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train"))
-from conftest import EVAL_EVERY, STEPS  # noqa: E402
-from train_helpers import read_metrics  # noqa: E402
+from libra_model.eval.caption_metrics import CAPTION_METRICS
 
-from libra_model.eval.caption_metrics import CAPTION_METRICS  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train"))
+from train_helpers import read_metrics  # noqa: E402
 
 
 def test_eval_rows_in_metrics_and_summary(trained_run):
     rows = [row for row in read_metrics(trained_run["output"]) if "val_loss" in row]
-    assert [row["step"] for row in rows] == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    every, steps = trained_run["eval_every"], trained_run["steps"]
+    assert [row["step"] for row in rows] == list(range(every, steps + 1, every))
     for row in rows:
         assert math.isfinite(row["val_loss"]) and row["val_loss"] > 0
         assert row["val_caption_images"] == 3
