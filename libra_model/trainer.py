@@ -88,6 +88,10 @@ class TrainConfig:
     export_hf: bool = True
     caption_samples: int = 3
     caption_max_new_tokens: int = 24
+    # held-out evaluation (libra_model.eval.heldout): val_loss and, for caption data, caption metrics
+    eval_every: int = 0  # steps between evaluations; 0: only after the last step
+    eval_samples: int = 32  # held-out samples (and images captioned); 0 turns evaluation off
+    eval_data: str | list | None = None  # held-out annotation file (coco/llava) or shards (webdataset)
     tensorboard: bool = True
     debug_checks: bool = False
 
@@ -99,6 +103,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+        for name in ("eval_every", "eval_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig: {name} must be an int >= 0, got {value!r}")
         if self.loss_normalization not in NORMALIZATIONS:
             raise ValueError(f"TrainConfig: loss_normalization must be one of {NORMALIZATIONS}, "
                              f"got {self.loss_normalization!r}")
@@ -349,7 +357,8 @@ def _check_same_batch(batch: dict, parallel: ParallelState) -> None:
 # ------------------------------------------------------------------------------------------------------- run
 def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
     """Run training as ``cfg`` says (every rank calls it). Returns a summary: "step", "loss" (last step's),
-    "first_loss", "checkpoint" (last saved), "skips" (counts by reason), "captions" [(generated, true)]."""
+    "first_loss", "checkpoint" (last saved), "skips" (counts by reason), "captions" [(generated, true)],
+    "evaluation" (the last held-out evaluation's ``val_*`` values, {} when none ran)."""
     cfg.validate()
     parallel = parallel or init_parallel(cfg.tp)
     if parallel.tp != cfg.tp:
@@ -438,6 +447,16 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
         _say(parallel, f"saved checkpoint {path}")
         return path
 
+    def evaluate(step: int) -> dict:
+        from libra_model.eval.heldout import evaluate_heldout
+
+        row = evaluate_heldout(cfg, model, processor, parallel, dtype, say=lambda text: _say(parallel, text))
+        if row:
+            metrics.log({"step": step, **row})
+            _say(parallel, f"evaluation at step {step}: " + " | ".join(
+                f"{key[4:]} {value:.4f}" for key, value in row.items() if isinstance(value, float)))
+        return row
+
     first_loss = last_loss = None
     window_time, window_tokens, window_flops = 0.0, 0, 0.0
     step = start_step
@@ -482,20 +501,23 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
             window_time, window_tokens, window_flops = 0.0, 0, 0.0
         if cfg.debug_checks:
             _debug_replicated(model, parallel)
+        if cfg.eval_samples and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+            evaluate(step)
         if step % cfg.save_every == 0 and step != cfg.max_steps:
             last_checkpoint = save(step)
     if step > start_step or last_checkpoint is None:
         last_checkpoint = save(step)
     loader.close()
-    metrics.close()
     _say(parallel, f"data: {loader.stats.summary()}")
     if cfg.export_hf:
         export_dir = os.path.join(cfg.output_dir, "hf")
         ckpt.export_hf(model, optimizer, parallel, export_dir)
         _say(parallel, f"exported the model in the HF layout to {export_dir}")
     captions = caption_heldout(cfg, model, processor, parallel, dtype) if cfg.caption_samples else []
+    evaluation = evaluate(step) if cfg.eval_samples else {}
+    metrics.close()
     return {"step": step, "loss": last_loss, "first_loss": first_loss, "checkpoint": last_checkpoint,
-            "skips": dict(loader.stats.counts), "captions": captions}
+            "skips": dict(loader.stats.counts), "captions": captions, "evaluation": evaluation}
 
 
 def _debug_replicated(model, parallel: ParallelState) -> None:

@@ -21,7 +21,7 @@ def small_config(processor_dir, output_dir, **overrides):
     from libra_model.trainer import TrainConfig
 
     values = dict(processor=processor_dir, output_dir=str(output_dir), model_overrides=dict(TINY), max_steps=6,
-                  global_batch_size=8, micro_batch_size=4, log_every=1, save_every=3, caption_samples=0,
+                  global_batch_size=8, micro_batch_size=4, log_every=1, save_every=3, caption_samples=0, eval_samples=0,
                   export_hf=False, tensorboard=False, data_num_samples=256, lr=3e-3, warmup_steps=2)
     values.update(overrides)
     return TrainConfig.from_sources(None, values)
