@@ -8,9 +8,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("libra_kernels", "libra_model")
-# The trainer side of libra_model: the only modules that may import libra_model.parallel or the trainer.
+# The application side of libra_model (the trainer with its parallel machinery, optimizer and data pipelines, and the
+# evaluation built on them): the only modules that may import libra_model.parallel, the trainer or the data pipelines.
 TRAINER_SIDE = ("libra_model.parallel", "libra_model.trainer", "libra_model.train_step", "libra_model.optim",
-                "libra_model.data")
+                "libra_model.data", "libra_model.evaluate", "libra_model.eval")
 
 
 def _modules() -> dict[str, str]:

@@ -45,11 +45,11 @@ def prompt_for(task: str, question: str | None) -> tuple[str, str | None]:
 def beam_kwargs(num_beams: int) -> dict:
     """The keyword arguments that ask ``model.generate`` for ``num_beams`` beams: none for greedy (1); raises
     ValueError for num_beams > 1 when this version's ``generate`` has no beam search."""
-    from libra_model import generation
+    from libra_model import decoding
 
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
-    if "num_beams" in inspect.signature(generation.generate).parameters:
+    if "num_beams" in inspect.signature(decoding.generate).parameters:
         return {"num_beams": num_beams}
     if num_beams > 1:
         raise ValueError(f"num_beams={num_beams}: model.generate has no beam search in this version; use "

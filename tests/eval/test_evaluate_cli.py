@@ -75,9 +75,9 @@ def test_score_errors_name_the_files(tmp_path, capsys):
 def test_num_beams():
     import inspect
 
-    from libra_model import generation
+    from libra_model import decoding
 
-    if "num_beams" in inspect.signature(generation.generate).parameters:
+    if "num_beams" in inspect.signature(decoding.generate).parameters:
         assert beam_kwargs(2) == {"num_beams": 2}
     else:
         with pytest.raises(ValueError, match="no beam search"):
@@ -187,11 +187,11 @@ def test_run_vqa_end_to_end(trained_run, shapes_benchmark, tmp_path, capsys):
 def test_run_errors(trained_run, shapes_benchmark, tmp_path, capsys):
     import inspect
 
-    from libra_model import generation
+    from libra_model import decoding
 
     args = ["run", "--checkpoint", trained_run["hf"], "--images", shapes_benchmark["root"], "--task", "caption",
             "--annotations", shapes_benchmark["captions"], "--output", str(tmp_path / "x.json")]
-    if "num_beams" not in inspect.signature(generation.generate).parameters:
+    if "num_beams" not in inspect.signature(decoding.generate).parameters:
         assert evaluate.main([*args, "--num-beams", "2"]) == 2
         assert "no beam search" in capsys.readouterr().err
     with pytest.raises(SystemExit):
