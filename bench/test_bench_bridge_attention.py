@@ -1,11 +1,11 @@
 """Bridge attention forward and forward+backward, time and peak memory, against in the same run: causal SDPA without
 bridge with its FlashAttention-2 backend and with its default backend (named in the table), one SDPA at head dim 256
-through the exact identity of LIBRA.md §3.6 (the clever-user baseline, its cat/select passes included), and the eager
-two-score-matrix reference. Ratios are to SDPA's default backend; the fused kernel also gets a row against
-FlashAttention-2 (PERF.md targets: <= 1.0 x FlashAttention-2, <= 1.6 x the default, memory <= 1.5 x SDPA's).
+through the exact single-attention form of docs/model.md §5 (the clever-user baseline, its cat/select passes included),
+and the eager two-score-matrix reference. Ratios are to SDPA's default backend; the fused kernel also gets a row against
+FlashAttention-2 (docs/performance.md targets: <= 1.0 x FlashAttention-2, <= 1.6 x the default, memory <= 1.5 x SDPA's).
 
-On the GPU the PERF.md shapes (LLaMA-2-7B: 32 heads of 128, bf16); on the CPU small shapes of the same mixes in
-float32, where the library's kernel is the "torch" backend (Triton needs a GPU)."""
+On the GPU the docs/performance.md shapes (LLaMA-2-7B: 32 heads of 128, bf16); on the CPU small shapes of the same mixes
+in float32, where the library's kernel is the "torch" backend (Triton needs a GPU)."""
 
 import math
 
@@ -27,7 +27,7 @@ FA2 = "sdpa FlashAttention-2, no bridge"
 
 
 def sdpa_identity_256(q, k, v, k_bridge, v_bridge, vision_mask):
-    """LIBRA.md §3.6: bridge attention as one causal SDPA at head dim 2D, softmax scale 1/sqrt(D); [B, N, H, D]."""
+    """docs/model.md §5: bridge attention as one causal SDPA at head dim 2D, softmax scale 1/sqrt(D); [B, N, H, D]."""
     dim = q.shape[-1]
     sign = (vision_mask.to(q.dtype) * 2 - 1)[:, :, None, None]  # +1 vision, -1 text
     q2 = torch.cat([q, sign * q], dim=-1).transpose(1, 2)

@@ -2,7 +2,7 @@
 (concatenated logits padded with -inf), a per-modality eager loss with float32 logits
 (``discrete_token_cross_entropy_ref``) and, when importable, Liger's and Cut Cross-Entropy's fused linear
 cross-entropies applied per modality (they are not dependencies). Ratios are against the fastest of the
-per-modality baselines (PERF.md: target <= 0.85); memory is compared with Cut Cross-Entropy's when it runs
+per-modality baselines (docs/performance.md: target <= 0.85); memory is compared with Cut Cross-Entropy's when it runs
 (target <= 1.0)."""
 
 import importlib
@@ -16,7 +16,8 @@ from libra_kernels import discrete_token_cross_entropy, discrete_token_cross_ent
 from libra_kernels.ops.discrete_token_cross_entropy import TABLE
 from libra_kernels.testing import random_labels
 
-# (name, T, n_text, hidden, V, Vv, C): the pre and sft mixes of PERF.md with LLaMA-2-7B heads; small ones on the CPU.
+# (name, T, n_text, hidden, V, Vv, C): the pre and sft mixes of docs/performance.md with LLaMA-2-7B heads; small ones on
+# the CPU.
 GPU_SHAPES = [("pre", 5120, 512, 4096, 32000, 514, 2), ("sft", 4096, 2949, 4096, 32000, 514, 2)]
 CPU_SHAPES = [("pre/small", 640, 64, 256, 4000, 514, 2), ("sft/small", 512, 369, 256, 4000, 514, 2)]
 PER_MODALITY_BASELINES = ("per-modality eager (fp32 logits)", "liger fused linear CE per modality",
@@ -24,7 +25,7 @@ PER_MODALITY_BASELINES = ("per-modality eager (fp32 logits)", "liger fused linea
 
 
 def concatenated_logits_loss(h, n_text, w_text, w_vision, labels):
-    """Libra's reference (LIBRA.md §5.1/5.3): [C, T, V + Vv] logits, -inf outside the row's modality, one
+    """Libra's reference (docs/model.md §7-§8): [C, T, V + Vv] logits, -inf outside the row's modality, one
     cross-entropy per codebook in float32, averaged over codebooks."""
     text = h[:n_text] @ w_text.T
     losses = []

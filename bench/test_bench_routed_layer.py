@@ -7,8 +7,8 @@ residual add), forward+backward with every weight trained:
 
 Attention is replaced by q + k + v in both (the same elementwise work), so the ratio isolates the routed part.
 Libra's vision tokens need about 0.65x the FLOPs of a text token, hence the target <= 1.0 at the pre mix.
-GPU: PERF.md pre and sft mixes at LLaMA-2-7B sizes, bfloat16. CPU: an eighth of the rows, a sixteenth of the widths,
-float32 (not a performance target).
+GPU: docs/performance.md pre and sft mixes at LLaMA-2-7B sizes, bfloat16. CPU: an eighth of the rows, a sixteenth of the
+widths, float32 (not a performance target).
 """
 
 import pytest

@@ -1,15 +1,15 @@
 """Routed projections forward+backward (every weight trained) on the sorted layout, against:
 
-- "pre-sorted GEMMs": the same GEMMs on pre-sorted contiguous rows under plain autograd (the floor; PERF.md target
-  routed_linear / this <= 1.05);
+- "pre-sorted GEMMs": the same GEMMs on pre-sorted contiguous rows under plain autograd (the floor; docs/performance.md
+  target routed_linear / this <= 1.05);
 - "index_select": rows gathered by index, the GEMMs, the results put back with index_copy (sequence order);
 - "boolean mask": the reference implementation's x[mask] gather and y[mask] = ... scatter (a host sync each).
 
 The fused attention input projection (``routed_projections``) is benchmarked in test_bench_routed_projections.py.
 
-GPU: the PERF.md pre and sft mixes at LLaMA-2-7B sizes in bfloat16. CPU: an eighth of the rows and a sixteenth of
-the widths, float32, so the suite runs on a development machine (CPU numbers are not performance targets; on a shared
-machine they vary by tens of percent, hence the best of two interleaved rounds).
+GPU: the docs/performance.md pre and sft mixes at LLaMA-2-7B sizes in bfloat16. CPU: an eighth of the rows and a
+sixteenth of the widths, float32, so the suite runs on a development machine (CPU numbers are not performance targets;
+on a shared machine they vary by tens of percent, hence the best of two interleaved rounds).
 """
 
 import pytest

@@ -10,7 +10,8 @@ from common import measure, peak_memory_mib
 from libra_kernels import routed_rms_norm, routed_rms_norm_ref
 from libra_kernels.ops.routed_rms_norm import TABLE
 
-# (name, T, n_text, D): the PERF.md pre and sft mixes; a quarter of the rows on the CPU to keep the suite quick.
+# (name, T, n_text, D): the docs/performance.md pre and sft mixes; a quarter of the rows on the CPU to keep the suite
+# quick.
 GPU_SHAPES = [("pre", 5120, 8 * (640 - 578), 4096), ("sft", 4096, 2 * (2048 - 578), 4096)]
 CPU_SHAPES = [("pre/4", 1280, 124, 4096), ("sft/4", 1024, 735, 4096)]
 

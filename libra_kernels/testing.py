@@ -1,9 +1,9 @@
 """Helpers shared by the tests and the benchmarks: the one tolerance rule, random inputs in Libra's layouts, and
 a spawn-based process-group runner for distributed checks on gloo.
 
-Tolerance rule (DESIGN.md §6, flash-attn's): a kernel's error against a float64 reference may be at most
-``ERROR_FACTOR`` times the error of the PyTorch reference computed in the same low precision, plus a floor
-that scales with the magnitude of the result (``FLOORS[dtype]``).
+Tolerance rule (docs/operators.md, "Tolerance rule and tests"; flash-attn's): a kernel's error against a float64
+reference may be at most ``ERROR_FACTOR`` times the error of the PyTorch reference computed in the same low precision,
+plus a floor that scales with the magnitude of the result (``FLOORS[dtype]``).
 """
 
 from __future__ import annotations

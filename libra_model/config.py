@@ -1,4 +1,4 @@
-"""Libra's configuration (LIBRA.md §1.2) with the field names of the released ``config.json``.
+"""Libra's configuration (docs/model.md §11) with the field names of the released ``config.json``.
 
 ``LibraConfig`` is a plain dataclass: it validates itself on construction (unknown or inconsistent values raise
 ValueError naming the field), reads and writes ``config.json``, and has two presets: ``libra_11b()`` (the released

@@ -1,4 +1,4 @@
-"""Libra's hybrid image tokenizer (LIBRA.md §6): CLIP features plus lookup-free-quantised (LFQ) codes.
+"""Libra's hybrid image tokenizer (docs/model.md §10): CLIP features plus lookup-free-quantised (LFQ) codes.
 
 An image goes through
 
@@ -11,7 +11,7 @@ An image goes through
    ids [C, B, P+2]; the contiguous signal is the features with a zero row at BOI and at EOI → [B, P+2, L·H_clip].
 
 Weights load from the released vision tokenizer checkpoint (a PyTorch-Lightning style ``{"state_dict": ...}``
-``.ckpt``, names of LIBRA.md Appendix A) and CLIP from an HF CLIP directory. The way back to pixels is
+``.ckpt``, the released names) and CLIP from an HF CLIP directory. The way back to pixels is
 :class:`libra_model.pixel_decoder.PixelDecoder`, which reads the ``decoder.*``, ``post_quant_conv.*`` and
 ``quantize.project_out.*`` weights of the same checkpoint (this module reports ``decoder.*`` as ignored).
 """
@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Mean colour of CLIP's training images in 0..255 RGB: the padding colour of pad_to_square (LIBRA.md §6.1).
+# Mean colour of CLIP's training images in 0..255 RGB: the padding colour of pad_to_square (docs/model.md §10).
 CLIP_MEAN_RGB = (122, 116, 104)
 DEFAULT_FEATURE_LAYERS = (2, 10, 18, 22)
 CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Checkpoint names (LIBRA.md Appendix A): required for tokenizing, optional (the decode path), ignored.
+# Checkpoint names of the released vision tokenizer: required for tokenizing, optional (the decode path), ignored.
 _REQUIRED_KEYS = ("quant_conv.weight", "quant_conv.bias", "quantize.project_in.weight", "quantize.project_in.bias")
 _OPTIONAL_KEYS = ("quantize.project_out.weight", "quantize.project_out.bias", "post_quant_conv.weight",
                   "post_quant_conv.bias")
@@ -108,7 +108,8 @@ class LookupFreeQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., embed_dim] float -> codes int64 [..., C]. The projection runs in float32 so that codes do not
-        depend on the compute dtype more than the input already does (a sign near 0 flips easily, LIBRA.md §11.13)."""
+        depend on the compute dtype more than the input already does (a sign near 0 flips easily: bf16 and fp32 can give
+        different codes)."""
         latent = F.linear(x.float(), self.project_in.weight.float(), self.project_in.bias.float())
         return lfq_quantize(latent, self.codebook_num)
 
@@ -120,7 +121,7 @@ class LookupFreeQuantizer(nn.Module):
 
 # -------------------------------------------------------------------------------------------------- preprocessing
 def pad_to_square(image, fill: tuple[int, int, int] = CLIP_MEAN_RGB):
-    """Centre a PIL image on a square RGB canvas of side max(w, h) filled with ``fill`` (LIBRA.md §6.1)."""
+    """Centre a PIL image on a square RGB canvas of side max(w, h) filled with ``fill`` (docs/model.md §10)."""
     from PIL import Image
 
     if not isinstance(image, Image.Image):
@@ -155,7 +156,7 @@ def default_image_processor(image_size: int = 336):
 
 def preprocess_images(image_processor, images: Sequence) -> torch.Tensor:
     """PIL images -> pixel values float32 [B, 3, S, S]: pad to square with the CLIP mean colour, then the HF CLIP
-    image processor (LIBRA.md §6.1). Host-side; data loaders call it per sample."""
+    image processor (docs/model.md §10). Host-side; data loaders call it per sample."""
     if not isinstance(images, (list, tuple)) or not images:
         raise ValueError("preprocess_images: images must be a non-empty list of PIL images")
     squared = [pad_to_square(image) for image in images]

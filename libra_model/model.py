@@ -1,10 +1,10 @@
-"""The Libra language model on the sorted modality layout (LIBRA.md §1-§5, DESIGN.md §2).
+"""The Libra language model on the sorted modality layout (docs/model.md §1-§8).
 
 The residual stream lives in sorted [T, hidden] order (text rows first, then vision rows, each in (batch, position)
 order); every routed operator is a pair of plain operations on two contiguous slices, attention alone works in
 sequence order. All compute goes through the ``libra_kernels`` operators with the model's ``backend`` switch, so
 ``backend="torch"`` is the model's own reference path. Parameter names are those of the released checkpoints
-(LIBRA.md Appendix A).
+(docs/model.md §13).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class LibraOutput:
 
 
 class LibraDecoderLayer(nn.Module):
-    """One decoder layer: routed norms around bridge attention and the routed MLP (LIBRA.md §2.1)."""
+    """One decoder layer: routed norms around bridge attention and the routed MLP (docs/model.md §4)."""
 
     def __init__(self, config: LibraConfig, layer_idx: int):
         super().__init__()
@@ -214,9 +214,9 @@ class LibraForCausalLM(nn.Module):
             module.pack_projections_()
 
     def init_weights(self, only: set[str] | None = None) -> None:
-        """Initialise parameters as LIBRA.md §2.3 (all of them, or only the names in ``only``): low-rank A ~ N(0,
-        σ²); B ~ N(0, σ²) for experts, B = 0 for bridges (and for every low-rank B in addition_mode); norm weights
-        1; embeddings, heads, the signal projector, the LLaMA linears and the placeholder ~ N(0, σ²)."""
+        """Initialise parameters as docs/model.md §12 describes (all of them, or only the names in ``only``): low-rank A
+        ~ N(0, σ²); B ~ N(0, σ²) for experts, B = 0 for bridges (and for every low-rank B in addition_mode); norm
+        weights 1; embeddings, heads, the signal projector, the LLaMA linears and the placeholder ~ N(0, σ²)."""
         std = self.config.initializer_range
         with torch.no_grad():
             for module_name, module in self.named_modules():
@@ -277,7 +277,7 @@ class LibraForCausalLM(nn.Module):
                            past_key_values=cache)
 
     def _head_inputs(self, hidden, layout, vision_indices, cache) -> torch.Tensor:
-        """The heads' input rows [T, hidden] ("1d") or [T, 2·hidden] ("2d", LIBRA.md §5.2), sorted."""
+        """The heads' input rows [T, hidden] ("1d") or [T, 2·hidden] ("2d", docs/model.md §7), sorted."""
         if self.config.vision_prediction_mode == "1d":
             return hidden
         sequence = layout.unsort(hidden)

@@ -70,7 +70,7 @@ def _images_list(images) -> list:
 
 
 class LibraProcessor:
-    """Turns images and texts into Libra's inputs (LIBRA.md §4, §5.4, §7).
+    """Turns images and texts into Libra's inputs (docs/model.md §1, §10).
 
     Args:
         text_tokenizer: a :class:`TextTokenizer` or an HF LLaMA fast tokenizer (wrapped with ``config``'s ids).
@@ -220,8 +220,9 @@ class LibraProcessor:
         False), ``<s>`` + image + "\\n" (+ ``instruction`` + "\\n") + caption (+ a target EOS with ``caption_eos``;
         the release has none). None: raw text where each ``<image>``
         marker takes the next image (no marker and one image: image + "\\n" + text).
-        ``images``: None, a PIL image or a list of them. ``max_length`` truncates after splicing (LIBRA.md §7.4).
-        Raises ValueError when a label would be cross-modal (LIBRA.md §12.12), which the templates never produce.
+        ``images``: None, a PIL image or a list of them. ``max_length`` truncates after splicing (docs/model.md §10).
+        Raises ValueError when a label would be cross-modal (docs/model.md §14, item 12), which the templates never
+        produce.
         """
         images = _images_list(images)
         if template not in TEMPLATES:

@@ -1,4 +1,4 @@
-"""Libra's text side (LIBRA.md §5.4, §7): the LLaMA SentencePiece tokenizer, templates, image splicing by ids,
+"""Libra's text side (docs/model.md §10): the LLaMA SentencePiece tokenizer, templates, image splicing by ids,
 ``vision_indices``, label construction and truncation.
 
 A sample is first written as a list of :class:`Part` (BOS, text pieces, images, EOS), each marked as a training
@@ -32,7 +32,7 @@ _ASSISTANT = {"gpt", "assistant"}
 
 
 def clean_caption(caption: str, max_words: int = 64) -> str:
-    """Pretraining caption cleaning (LIBRA.md §7.3): ``*#~`` become spaces, whitespace runs collapse to one space,
+    """Pretraining caption cleaning (docs/model.md §10): ``*#~`` become spaces, whitespace runs collapse to one space,
     strip, lowercase, keep the first ``max_words`` words."""
     if not isinstance(caption, str):
         raise TypeError(f"clean_caption: caption must be a str, got {type(caption).__name__}")
@@ -140,10 +140,10 @@ class Part:
 
 def caption_parts(caption: str, has_image: bool, *, instruction: str | None = None, clean: bool = True,
                   eos: bool = False) -> list[Part]:
-    """Pretraining image→text template (LIBRA.md §7.3): ``<s>`` + image + "\\n" + caption, or with an
+    """Pretraining image→text template (docs/model.md §10): ``<s>`` + image + "\\n" + caption, or with an
     instruction ``<s>`` + image + "\\n{instruction}\\n" + caption. Targets: the image's codes and EOI and the caption;
     the "\\n"/instruction span is masked. Without an image: ``<s>`` + caption. ``eos`` appends a target EOS (the
-    release appends none, so its base model never learns to stop, LIBRA.md §11.11)."""
+    release appends none, so its base model never learns to stop, docs/model.md §8)."""
     if not isinstance(caption, str):
         raise TypeError(f"caption_parts: caption must be a str, got {type(caption).__name__}")
     caption = clean_caption(caption) if clean else caption
@@ -230,7 +230,7 @@ def normalize_conversation(conversation) -> list[tuple[str, str | None]]:
 
 
 def v1_parts(conversation, has_image: bool, *, system: str = V1_SYSTEM) -> list[Part]:
-    """The "v1" (Vicuna-v1) chat template of LIBRA.md §7.3:
+    """The "v1" (Vicuna-v1) chat template of docs/model.md §10:
     ``system + " " + "USER: " + q1 + " " + "ASSISTANT: " + a1 + " </s>" + "USER: " + q2 ...``; the EOS id stands for
     " </s>". The image goes first in the first human turn holding ``<image>`` (or the first human turn): its marker is
     removed and the turn becomes image + "\\n" + question. Targets: the answers (with the space that opens
@@ -297,10 +297,10 @@ def build_sample(parts: Sequence[Part], tokenizer: TextTokenizer, *, image_lengt
     """Parts -> an :class:`EncodedSample` without pixel values (``image_length`` = P + 2 positions per image,
     ``vision_vocab_size`` = 2^K + 2 ids per codebook).
 
-    Label rules (LIBRA.md §5.4, §12.12): BOS and BOI are never targets, and neither is any position whose modality
-    differs from the previous position's (the model predicts a token from the previous hidden state with that
+    Label rules (docs/model.md §10, §14 item 12): BOS and BOI are never targets, and neither is any position whose
+    modality differs from the previous position's (the model predicts a token from the previous hidden state with that
     state's modality head, so such a target would be cross-modal); padding is masked at batching. The sequence is
-    truncated to ``max_length`` after splicing (LIBRA.md §7.4; an image may be cut)."""
+    truncated to ``max_length`` after splicing (docs/model.md §10; an image may be cut)."""
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"build_sample: max_length must be a positive int or None, got {max_length!r}")
     boi = tokenizer.vocab_size + vision_vocab_size - 2
@@ -378,8 +378,8 @@ def labels_from_targets(input_ids: torch.Tensor, target_mask: torch.Tensor,
 
 def check_no_cross_modal_targets(labels: torch.Tensor, vision_indices: torch.Tensor, *, vocab_size: int,
                                  max_vision_token_length: int) -> None:
-    """LIBRA.md §12.12: a label at position t is predicted from position t-1, with t-1's modality head; so every
-    label after a text position must be a text id or -100 and every label after a vision position a vision id or
+    """docs/model.md §14, item 12: a label at position t is predicted from position t-1, with t-1's modality head; so
+    every label after a text position must be a text id or -100 and every label after a vision position a vision id or
     -100. ``labels`` int [C, B, N] (or [B, N]), ``vision_indices`` int [B, N]. Raises ValueError naming the first
     offending (batch, position); labels at position 0 are never used and are not checked."""
     if labels.dim() == 2:

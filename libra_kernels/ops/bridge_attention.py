@@ -1,5 +1,5 @@
 """Bridge attention: one softmax attention over all tokens in which cross-modal query/key pairs see keys and
-values augmented by the low-rank bridge terms (LIBRA.md §3, DESIGN.md §3).
+values augmented by the low-rank bridge terms (docs/model.md §5; the contract in docs/operators.md, bridge_attention).
 
 For query i and key j of row b, with c_ij = [vision_mask[b, i] != vision_mask[b, j]]:
     s_ij = scale * <q_i, k_j + c_ij kb_j>   over allowed j (j <= i when causal, key_padding_mask[b, j] True)

@@ -1,6 +1,6 @@
 """Libra's attention block on the sorted layout: routed q/k/v projections, bridge terms from the adapter of each
 token's own modality, RoPE and the fused bridge attention in sequence order, routed output projection
-(LIBRA.md §3.1).
+(docs/model.md §5).
 
 The q/k/v maps and the bridges' A factors run as one ``routed_projections`` (one GEMM per modality once
 :meth:`LibraAttention.pack_` has packed their weights); RoPE of q, k and the key bridge term is one ``rotary``.
@@ -43,7 +43,7 @@ class AttentionContext:
 
 
 class LibraAttention(nn.Module):
-    """Attention of one decoder layer with the names of LIBRA.md Appendix A (``q_proj``..``o_proj``,
+    """Attention of one decoder layer with the released checkpoint names (docs/model.md §13: ``q_proj``..``o_proj``,
     ``vision_{q,k,v,o}_proj``, ``vision_{k,v}_bridge_on_{language,vision}``)."""
 
     def __init__(self, config: LibraConfig, layer_idx: int):
@@ -96,7 +96,7 @@ class LibraAttention(nn.Module):
 
     def _dense_plus_expert(self, x: torch.Tensor, n_text: int, dense: nn.Linear, expert: LibraLinear
                            ) -> torch.Tensor:
-        """addition_mode (LIBRA.md §2.4): the dense map on every row, the expert added on the vision rows; plain
+        """addition_mode (docs/model.md §4): the dense map on every row, the expert added on the vision rows; plain
         linears, since nothing is routed."""
         y = F.linear(x, dense.weight)
         delta = F.linear(F.linear(x[n_text:], expert.weight_A), expert.weight_B)

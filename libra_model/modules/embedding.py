@@ -1,4 +1,4 @@
-"""Libra's routed input embedding with the hybrid signal fusion (LIBRA.md §4.3), on the sorted layout.
+"""Libra's routed input embedding with the hybrid signal fusion (docs/model.md §3), on the sorted layout.
 
 Text rows: ``embed_tokens`` of row 0 of the ids. Vision rows: the per-codebook tables concatenated in codebook
 order, then (``concat_signals``) ``W_sig · RMSNorm_sig([e ; c])`` with c the continuous CLIP feature of the patch

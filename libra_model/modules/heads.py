@@ -1,4 +1,4 @@
-"""Inputs of the codebook heads in Libra's "2d" vision prediction mode (LIBRA.md §5.2).
+"""Inputs of the codebook heads in Libra's "2d" vision prediction mode (docs/model.md §7).
 
 The vector placed at the position of vision index k predicts the token at index k+1: for the code at grid cell
 j = k (row r = j // R, column c = j % R) it is [h(up neighbour (r-1, c)) ; h(left neighbour (r, c-1))], with the

@@ -1,7 +1,8 @@
 """Parameter holders with the released checkpoint names, and the small helpers every block shares.
 
-The modules here only own parameters (``weight``; ``weight_A``/``weight_B``) under the names of LIBRA.md
-Appendix A; the routed computation is done by the blocks with the ``libra_kernels`` operators on the sorted layout.
+The modules here only own parameters (``weight``; ``weight_A``/``weight_B``) under the names of the
+released checkpoints (docs/model.md §13); the routed computation is done by the blocks with the ``libra_kernels``
+operators on the sorted layout.
 """
 
 from __future__ import annotations

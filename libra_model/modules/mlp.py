@@ -1,4 +1,4 @@
-"""Libra's routed SwiGLU MLP on the sorted layout (LIBRA.md §2.1): the LLaMA gate/up/down on text rows, the
+"""Libra's routed SwiGLU MLP on the sorted layout (docs/model.md §4): the LLaMA gate/up/down on text rows, the
 low-rank experts on vision rows (always routed, also in addition_mode, as in the reference).
 
 Two operators: ``routed_projections`` gives gate and up (one GEMM per modality once :meth:`LibraMLP.pack_` has
@@ -21,7 +21,7 @@ from libra_model.modules.tensor_parallel import copy_to_tp_region, reduce_from_t
 
 
 class LibraMLP(nn.Module):
-    """MLP of one decoder layer: ``{gate,up,down}_proj`` and ``vision_{gate,up,down}_proj`` (Appendix A)."""
+    """MLP of one decoder layer: ``{gate,up,down}_proj`` and ``vision_{gate,up,down}_proj`` (docs/model.md §13)."""
 
     def __init__(self, config: LibraConfig):
         super().__init__()

@@ -1,5 +1,5 @@
 """Rotary position embeddings (LLaMA's rotate-half form) with 1d positions or Libra's optional 2d positions
-(LIBRA.md §3.2): the position ids and the cos/sin tables. The rotation itself is the ``libra_kernels.rotary``
+(docs/model.md §6): the position ids and the cos/sin tables. The rotation itself is the ``libra_kernels.rotary``
 operator, applied in sequence order to q, k and the key bridge term alike (RoPE is linear)."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
 
 def libra_2d_position_ids(vision_indices: torch.Tensor, resolution: int, attention_mask: torch.Tensor | None = None,
                           start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Libra's 2d RoPE positions (LIBRA.md §3.2) from ``vision_indices``.
+    """Libra's 2d RoPE positions (docs/model.md §6) from ``vision_indices``.
 
     Increment per token: 1 for text and BOI, 0 for codes, resolution+1 for EOI, 0 for padding; base = running sum
     - 1 (continuing from ``start``, the running sum before these tokens, for cached decoding); codes at raster
@@ -75,7 +75,7 @@ def libra_2d_position_ids(vision_indices: torch.Tensor, resolution: int, attenti
 def libra_1d_position_ids(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device,
                           start: torch.Tensor | None = None) -> torch.Tensor:
     """1d positions int64 [B, N]: 0..N-1 (plus ``start`` [B]) without a mask; with a mask (left padding in
-    generation) the count of real tokens so far minus one, and 1 at padded slots (LIBRA.md §3.2)."""
+    generation) the count of real tokens so far minus one, and 1 at padded slots (docs/model.md §6)."""
     if attention_mask is None:
         positions = torch.arange(length, device=device).expand(batch, length)
         return positions if start is None else positions + start[:, None]

@@ -38,7 +38,8 @@ def attention_by_query(q, k, v, k_bridge, v_bridge, vision_mask, causal=True, so
 
 
 def attention_by_head_dim_256_identity(q, k, v, k_bridge, v_bridge, vision_mask, softmax_scale=None):
-    """LIBRA.md §3.6: one causal SDPA at head dim 2D with scale 1/sqrt(D) (queries = keys here)."""
+    """docs/model.md §5 (the single-attention form): one causal SDPA at head dim 2D with scale 1/sqrt(D) (queries = keys
+    here)."""
     heads, dim = q.shape[2], q.shape[3]
     group = heads // k.shape[2]
     k, v, k_bridge, v_bridge = (t.repeat_interleave(group, dim=2) for t in (k, v, k_bridge, v_bridge))

@@ -3,7 +3,7 @@
 Without CUDA the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with 16×16 tiles, so sequences of 20-60
 tokens already span several query blocks and key tiles: images are placed so that plain tiles (one modality) and
 bridged tiles (one query modality against other-modality keys, and mixed queries) run in both the unmasked and the
-causally masked loops. The gpu tier runs the PERF.md shapes and each autotuning candidate.
+causally masked loops. The gpu tier runs the docs/performance.md shapes and each autotuning candidate.
 """
 
 import math
@@ -171,12 +171,13 @@ def test_head_dim_above_128_uses_torch_kernel():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GPU tier: PERF.md shapes (LLaMA-2-7B heads) against the float64 reference, every autotuning candidate, determinism,
-# offsets beyond 2^31 elements.
+# GPU tier: docs/performance.md shapes (LLaMA-2-7B heads) against the float64 reference, every autotuning candidate,
+# determinism, offsets beyond 2^31 elements.
 
 
 def perf_inputs(batch, length, image_at, image_length=578, heads=32, kv_heads=32, padding=None):
-    """The pre / sft layouts of PERF.md: one image of ``image_length`` tokens at ``image_at`` in every row."""
+    """The pre / sft layouts of docs/performance.md: one image of ``image_length`` tokens at ``image_at`` in every
+    row."""
     mask = span_mask(batch, length, [(image_at, image_at + image_length)])
     return make_inputs(batch, length, length, heads, kv_heads, 128, mask, padding, device=torch.device("cuda"))
 

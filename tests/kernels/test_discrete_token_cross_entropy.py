@@ -11,7 +11,7 @@ CPP = [b for b in CROSS_ENTROPY if b == "cpp"]
 
 
 def loss_by_concatenated_logits(h, n_text, w_text, w_vision, labels, ignore_index=-100, reduction="mean"):
-    """Independent float64 formula of LIBRA.md §5.1/5.3: [C, T, V + Vv] logits padded with -inf, one standard
+    """Independent float64 formula of docs/model.md §7-§8: [C, T, V + Vv] logits padded with -inf, one standard
     cross-entropy per codebook row, averaged over codebooks."""
     vocab, vision_vocab = w_text.shape[0], w_vision.shape[1]
     losses = []
@@ -140,7 +140,7 @@ def test_reference_options_match_formula(options):
 
 
 def test_mean_is_libra_per_modality_formula():
-    """LIBRA.md §5.3: with the same ignore pattern in every codebook row,
+    """docs/model.md §8: with the same ignore pattern in every codebook row,
     L = [n_T · mean text CE + (1/C) Σ_c Σ_vision CE_c] / (n_T + n_V)."""
     inputs = make_inputs(11, 17, 8, 23, 9, 2, ignore=0.0)
     h, n, wt, wv, labels = inputs.values()

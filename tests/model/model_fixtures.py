@@ -1,5 +1,5 @@
 """Builders of valid Libra batches for the model tests: images spliced as BOI, codes, EOI with their
-vision_indices, contiguous signals at code positions, labels following LIBRA.md §5.4 (BOI, BOS, the first text
+vision_indices, contiguous signals at code positions, labels following docs/model.md §10 (BOI, BOS, the first text
 token after each image and padding are -100), right or left padding."""
 
 import torch

@@ -1,7 +1,8 @@
-"""An independent, deliberately naive Libra forward written from LIBRA.md alone, used as the oracle of the model
+"""An independent, deliberately naive Libra forward written from docs/model.md alone, used as the oracle of the model
 tests: sequence order throughout, routing by where() on the vision flags, the reference's two-pass bridge attention
-(a key set and a value set per query modality, §3.1/§3.4), an additive mask clamped at the dtype minimum, and the
-concatenated-vocabulary logits with -inf (§5.1). It reads the weights by their released names (Appendix A)."""
+(a key set and a value set per query modality, docs/model.md §5, §9), an additive mask clamped at the dtype minimum, and
+the concatenated-vocabulary logits with -inf (docs/model.md §7). It reads the weights by their released names
+(docs/model.md §13)."""
 
 import math
 
@@ -127,7 +128,7 @@ def naive_logits(state, config, input_ids, vision_indices, attention_mask=None, 
 
 
 def predictors_2d(h, vision_indices, placeholder, R):
-    """LIBRA.md §5.2 literally, image by image: pad the image's hidden states to a full 578-vector image with zeros,
+    """docs/model.md §7 literally, image by image: pad the image's hidden states to a full 578-vector image with zeros,
     build pred(code at (r, c)) = [h(r-1, c) or P ; h(r, c-1) or (BOI for (0, 0)) or P], pred(EOI) = [h(last code) ;
     P] and the dummy [h(EOI) ; P], place them at BOI, code_1..code_576, EOI, keep the real positions."""
     B, N, D = h.shape
@@ -151,7 +152,7 @@ def predictors_2d(h, vision_indices, placeholder, R):
 
 
 def naive_loss(logits, labels):
-    """LIBRA.md §5.3 on the concatenated vocabulary: mean over codebooks of the token-mean CE of
+    """docs/model.md §8 on the concatenated vocabulary: mean over codebooks of the token-mean CE of
     logits[c, :, :-1] against labels[c, :, 1:] (ignore -100)."""
     losses = []
     for c in range(logits.shape[0]):

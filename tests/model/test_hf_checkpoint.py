@@ -1,4 +1,4 @@
-"""Checkpoint loading and saving: a released-layout checkpoint written from the Appendix A name table, our own
+"""Checkpoint loading and saving: a released-layout checkpoint written from the released name table, our own
 save/load round trip, and clear errors for missing, unexpected and mis-shaped tensors."""
 
 import json
@@ -15,7 +15,8 @@ from libra_model.model import LibraForCausalLM
 
 
 def released_names(config):
-    """Name -> shape of a released Libra checkpoint, written out from LIBRA.md Appendix A (not from the model)."""
+    """Name -> shape of a released Libra checkpoint, written out from the name table of docs/model.md §13 (not from the
+    model)."""
     D, F, r = config.hidden_size, config.intermediate_size, config.vision_down_ratio
     names = {"model.embed_tokens.weight": (config.vocab_size, D), "lm_head.weight": (config.vocab_size, D),
              "model.norm.weight": (D,), "model.vision_norm.weight": (D,), "vision_hidden_placeholder": (D,),
@@ -48,7 +49,7 @@ def released_names(config):
 
 
 def write_released(directory, config, extra=None, drop=()):
-    """A released-style checkpoint: bf16 shards with an index, the Appendix A buffers, an HF-style config.json."""
+    """A released-style checkpoint: bf16 shards with an index, the released files' buffers, an HF-style config.json."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: torch.randn(shape).to(torch.bfloat16) for name, shape in released_names(config).items()
                if name not in drop}

@@ -1,5 +1,5 @@
-"""The hybrid image tokenizer (LIBRA.md §6, §12.9-12.11) against transformers' CLIPVisionModel and independent
-re-derivations of the quantiser; the released checkpoint names of Appendix A."""
+"""The hybrid image tokenizer (docs/model.md §10, §14 items 9-11) against transformers' CLIPVisionModel and independent
+re-derivations of the quantiser; the released checkpoint names."""
 
 import os
 import shutil

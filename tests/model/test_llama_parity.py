@@ -1,4 +1,4 @@
-"""Text-only Libra equals transformers.LlamaForCausalLM built from the same HF directory (LIBRA.md §12.1)."""
+"""Text-only Libra equals transformers.LlamaForCausalLM built from the same HF directory (docs/model.md §14, item 1)."""
 
 import json
 from pathlib import Path

@@ -1,5 +1,5 @@
-"""LibraForCausalLM against an independent naive implementation of LIBRA.md, its own reference backend, and the
-invariants of LIBRA.md §12."""
+"""LibraForCausalLM against an independent naive implementation of docs/model.md, its own reference backend, and
+the invariants of docs/model.md §14."""
 
 import math
 
@@ -62,7 +62,7 @@ def test_matches_naive_reference(overrides):
 
 
 def test_loss_equals_concatenated_vocabulary_cross_entropy_float32():
-    # LIBRA.md §12.14: the fused per-modality loss equals CE over the -inf padded 32514-style logits.
+    # docs/model.md §14, item 14: the fused per-modality loss equals CE over the -inf padded 32514-style logits.
     model = build(torch.float32, backend="auto")
     batch = make_batch(model.config, 4, 26)
     out = model(**forward_inputs(batch), labels=batch["labels"], return_logits=True)
@@ -140,7 +140,7 @@ def zero_bridges(model):
 
 
 def test_zero_bridge_is_plain_causal_attention():
-    # LIBRA.md §12.2: with all bridge B = 0 the bridged attention is one ordinary causal softmax attention.
+    # docs/model.md §14, item 2: with all bridge B = 0 the bridged attention is one ordinary causal softmax attention.
     model = build().eval()
     zero_bridges(model)
     batch = make_batch(model.config, 2, 30, images=[[3], [20]])
@@ -167,8 +167,8 @@ def attention_output(attn, x, vision_mask, config):
 
 @pytest.mark.parametrize("side", ["vision", "language"])
 def test_bridge_locality_single_layer(side):
-    # LIBRA.md §12.3: G^V only changes language queries that see a vision key; G^L only vision queries that see a
-    # text key.
+    # docs/model.md §14, item 3: G^V only changes language queries that see a vision key; G^L only vision queries that
+    # see a text key.
     model = build()
     attn, config = model.model.layers[0].self_attn, model.config
     vision_mask = torch.zeros(3, 16, dtype=torch.bool)
@@ -273,8 +273,8 @@ def test_frozen_language_trains_only_vision_parameters():
 
 
 def test_addition_mode_at_init_attention_equals_llama():
-    # LIBRA.md §12.6: with every low-rank B = 0 and equal attention norms, a vision token's attention sub-block is
-    # LLaMA's.
+    # docs/model.md §14, item 6: with every low-rank B = 0 and equal attention norms, a vision token's attention
+    # sub-block is LLaMA's.
     config = LibraConfig.tiny(addition_mode=True)
     model = LibraForCausalLM(config, backend="torch").double()
     attn = model.model.layers[0].self_attn

@@ -1,4 +1,4 @@
-"""LibraProcessor: batches of (image, text) -> model inputs (LIBRA.md §4, §5.4, §7, §12.9-12.13), checked against
+"""LibraProcessor: batches of (image, text) -> model inputs (docs/model.md §1, §10, §14 items 9-13), checked against
 the image tokenizer run on each image alone and against the model that consumes the batch."""
 
 import copy
@@ -79,17 +79,18 @@ def test_pretraining_batch(processor, config):
     assert batch["labels"].shape == (C, B, N)
     for tensor in ("input_ids", "vision_indices", "attention_mask", "labels"):
         assert batch[tensor].dtype == torch.int64
-    # Each image's positions hold that image's own tokens (not the neighbour's), LIBRA.md §12.9.
+    # Each image's positions hold that image's own tokens (not the neighbour's), docs/model.md §14 item 9.
     check_image_positions(processor, batch, 0, [images[0]])
     check_image_positions(processor, batch, 2, [images[2]])
     vision = batch["vision_indices"] < config.max_vision_token_length
     assert torch.equal(batch["input_ids"][0] >= config.vocab_size, vision)
     assert torch.equal(batch["input_ids"][0][~vision], batch["input_ids"][1][~vision])
-    # The contiguous signal is exactly zero at text, padding, BOI and EOI (§12.11).
+    # The contiguous signal is exactly zero at text, padding, BOI and EOI (docs/model.md §14, item 11).
     signal_rows = batch["contiguous_signal"].abs().sum(-1) != 0
     codes = (batch["vision_indices"] >= 1) & (batch["vision_indices"] <= config.image_feature_resolution ** 2)
     assert torch.equal(signal_rows, codes)
-    # Labels (§12.13): -100 at <s>, BOI, "\n" and padding; codes, EOI and caption tokens are targets.
+    # Labels (docs/model.md §14, item 13): -100 at <s>, BOI, "\n" and padding; codes, EOI and caption tokens are
+    # targets.
     labels = batch["labels"]
     length = int(batch["attention_mask"][0].sum())
     assert labels[:, 0, :2].eq(IGNORE_INDEX).all() and labels[:, 0, 12].eq(IGNORE_INDEX).all()

@@ -1,5 +1,6 @@
-"""Rotary positions: Libra's 2d positions follow the worked example of LIBRA.md §3.2 and reduce to 1d without
-images (§12.7); the 1d positions follow the running count of real tokens under left padding."""
+"""Rotary positions: Libra's 2d positions follow the worked example (docs/model.md §6) and reduce to 1d
+without images (docs/model.md §14, item 7); the 1d positions follow the running count of real tokens under left
+padding."""
 
 import torch
 from model_fixtures import make_batch, randomize_parameters

@@ -1,4 +1,4 @@
-"""The text side (LIBRA.md §5.4, §7, §12.12-12.13): the LLaMA tokenizer conventions, templates, splicing by ids,
+"""The text side (docs/model.md §10, §14 items 12-13): the LLaMA tokenizer conventions, templates, splicing by ids,
 labels and truncation, checked against whole-string tokenisation by transformers."""
 
 import pytest
@@ -114,7 +114,7 @@ def test_pretraining_caption_sample(hf, tok):
     assert sample.ids.tolist() == expected
     assert sample.vision_indices.tolist() == [IMAGE_LEN] + list(range(IMAGE_LEN)) + [IMAGE_LEN] * len(caption)
     assert sample.image_index.tolist() == [-1] + [0] * IMAGE_LEN + [-1] * len(caption)
-    # LIBRA.md §12.13: <s>, BOI and "\n" are -100; the codes, EOI and caption tokens are targets.
+    # docs/model.md §14, item 13: <s>, BOI and "\n" are -100; the codes, EOI and caption tokens are targets.
     targets = [False, False] + [True] * 10 + [False] + [True] * (len(caption) - 1)
     assert sample.target_mask.tolist() == targets
     codes = torch.randint(VOCAB, VOCAB + 16, (2, 9))
