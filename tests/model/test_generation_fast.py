@@ -7,8 +7,14 @@ import torch
 from model_fixtures import left_pad, make_batch, randomize_parameters
 
 from libra_model.config import LibraConfig
-from libra_model.generation import _beam_search, _Decoder, _sample, apply_repetition_penalty, bucket_batch, \
-    bucket_length
+from libra_model.generation import (
+    _beam_search,
+    _Decoder,
+    _sample,
+    apply_repetition_penalty,
+    bucket_batch,
+    bucket_length,
+)
 from libra_model.model import LibraForCausalLM
 
 KEYS = ("input_ids", "vision_indices", "attention_mask", "contiguous_signal")
