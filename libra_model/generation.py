@@ -259,7 +259,12 @@ class _Decoder:
         ids = tokens[0]
         if self.batch > self.rows:  # the bucket's extra rows are inert: fed padding, their logits dropped
             ids = torch.cat([ids, ids.new_full((self.batch - self.rows,), config.pad_token_id)])
-        logits = self.step_fn(model, cache, ids, cache.rope_start.clone(), self.slot)
+        if self.compile:
+            # A CUDA-graph replay reuses its output buffer: start a new step and copy the logits out of it.
+            torch.compiler.cudagraph_mark_step_begin()
+            logits = self.step_fn(model, cache, ids, cache.rope_start.clone(), self.slot).clone()
+        else:
+            logits = self.step_fn(model, cache, ids, cache.rope_start, self.slot)
         cache.rope_start.add_(1)
         cache.advance()
         self.slot = self.slot + 1

@@ -12,14 +12,13 @@ included).
 Static cache (:class:`StaticBridgeKVCache`): when every new query is a text token (image-to-text answers), the
 keys and values it sees do not depend on the query any more: k + k_bridge and v + v_bridge at vision positions, k
 and v at text positions. The static cache stores just that one K and one V per layer, preallocated once to a fixed
-[B, Hkv, capacity, d] (the layout of ``scaled_dot_product_attention``), so a decode step writes one slot in place and
-runs plain attention: no growth, no bridge terms, fixed shapes for a compiled (CUDA-graph) step.
+[B, Hkv, capacity, d], so a decode step writes one slot in place and runs plain attention: no growth, no bridge
+terms, fixed shapes for a compiled (CUDA-graph) step.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 class BridgeKVCache:
@@ -254,9 +253,14 @@ class StaticBridgeKVCache:
         keys, values = self.keys[layer], self.values[layer]
         keys.index_copy_(2, slot.view(1), k.transpose(1, 2))
         values.index_copy_(2, slot.view(1), v.transpose(1, 2))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.valid[:, None, None, :],
-                                             enable_gqa=keys.shape[1] != q.shape[2])
-        return out.transpose(1, 2)
+        batch, _, heads, dim = q.shape
+        # One query per row: two batched matrix-vector products (the query heads of a kv head side by side) read
+        # K and V once; scores in q's dtype, the softmax in float32, as the bridge attention does.
+        grouped = q.reshape(batch, keys.shape[1], heads // keys.shape[1], dim)
+        scores = (grouped @ keys.transpose(-1, -2)).float() * dim ** -0.5
+        scores = scores.masked_fill(~self.valid[:, None, None, :], float("-inf"))
+        out = torch.softmax(scores, dim=-1).to(values.dtype) @ values
+        return out.reshape(batch, 1, heads, dim)
 
     def advance(self) -> None:
         """Count the slot written by the last decoding step."""
