@@ -160,9 +160,9 @@ def text_decode_step(model, cache: StaticBridgeKVCache, tokens: torch.Tensor, po
     rows = torch.arange(batch, device=tokens.device)
     layout = ModalityLayout(batch, 0, rows, rows.view(batch, 1),
                             torch.zeros(batch, 1, dtype=torch.bool, device=tokens.device), "torch")
-    dtype = model.model.embed_tokens.weight.dtype
     # A text token has equal row and column components under 2d RoPE, so the 1d table serves both modes.
-    cos, sin = rotary_cos_sin(positions[:, None], config.head_dim, config.rope_theta, dtype)
+    cos = cache.rope_cos.index_select(0, positions)[:, None, None]
+    sin = cache.rope_sin.index_select(0, positions)[:, None, None]
     cache.open_slot(slot)
     ctx = AttentionContext(layout, cos, sin, layout.vision_mask, None, cache, slot)
     ids = tokens.view(1, batch, 1).expand(config.vision_codebook_num, batch, 1)
@@ -194,6 +194,9 @@ def static_cache(model, batch_size: int, capacity: int) -> StaticBridgeKVCache:
     if cache is None or not cache.matches(*dims):
         _STATIC_CACHES.pop(model, None)
         cache = StaticBridgeKVCache(*dims[:5], dtype=weight.dtype, device=weight.device)
+        positions = torch.arange(capacity, device=weight.device)[None]
+        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, weight.dtype)
+        cache.set_rope(cos[0, :, 0].contiguous(), sin[0, :, 0].contiguous())
         _STATIC_CACHES[model] = cache
     cache.reset()
     return cache

@@ -151,6 +151,17 @@ class StaticBridgeKVCache:
         self.length = 0
         self._pending = 0
         self._rows = batch_size
+        self.rope_cos: torch.Tensor | None = None  # [capacity, d] tables of positions 0..capacity-1 (set_rope)
+        self.rope_sin: torch.Tensor | None = None
+
+    def set_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Keep the RoPE tables [capacity, d] of positions 0..capacity-1 (a text token's position never exceeds
+        its slot), so a decode step gathers its rows instead of computing angles (a compiled step would otherwise
+        recompute them inside its attention loops)."""
+        self.rope_cos, self.rope_sin = cos, sin
+        if cos.device.type == "cuda":
+            torch._dynamo.mark_static_address(cos)
+            torch._dynamo.mark_static_address(sin)
 
     def matches(self, num_layers: int, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int,
                 dtype: torch.dtype, device: torch.device) -> bool:
@@ -244,15 +255,17 @@ class StaticBridgeKVCache:
     def open_slot(self, slot: torch.Tensor) -> None:
         """Mark cache slot ``slot`` (int64 [] on the cache's device, = ``length``) valid for every row: the new
         token is real and attends to itself."""
-        self.valid.index_fill_(1, slot.view(1), True)
+        self.valid[:, slot.view(1)] = True
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                slot: torch.Tensor) -> torch.Tensor:
         """One text decoding step of layer ``layer``: write the new token's k, v [B, 1, Hkv, d] at ``slot`` and
         attend q [B, 1, H, d] to every valid slot. Returns [B, 1, H, d] in q's dtype."""
         keys, values = self.keys[layer], self.values[layer]
-        keys.index_copy_(2, slot.view(1), k.transpose(1, 2))
-        values.index_copy_(2, slot.view(1), v.transpose(1, 2))
+        # Indexed assignment (index_put_), which the compiler keeps in place: a functional copy of the whole cache
+        # per step would cost more than the step.
+        keys[:, :, slot.view(1)] = k.transpose(1, 2)
+        values[:, :, slot.view(1)] = v.transpose(1, 2)
         batch, _, heads, dim = q.shape
         # One query per row: two batched matrix-vector products (the query heads of a kv head side by side) read
         # K and V once; scores in q's dtype, the softmax in float32, as the bridge attention does.

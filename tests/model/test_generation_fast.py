@@ -49,9 +49,11 @@ def image_prompt(config, batch=2):
 MIXES = {"image, inside an image, text": ([[2], [13], []], [0, 2, 3]), "all text": ([[], [], []], [0, 4, 1])}
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"use_2d_rope": True},
-                                       {"vision_prediction_mode": "2d", "use_2d_rope": True}])
-@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("overrides,mix", [
+    ({}, "image, inside an image, text"), ({}, "all text"),
+    ({"num_key_value_heads": 2}, "image, inside an image, text"),
+    ({"use_2d_rope": True}, "image, inside an image, text"),
+    ({"vision_prediction_mode": "2d", "use_2d_rope": True}, "image, inside an image, text")])
 def test_static_cache_greedy_equals_dynamic(overrides, mix):
     model = build(**overrides)
     args = prompts(model.config, *MIXES[mix])
