@@ -15,6 +15,7 @@ _EXPORTS = {
     "LibraForCausalLM": "libra_model.model",
     "LibraOutput": "libra_model.model",
     "BridgeKVCache": "libra_model.modules.cache",
+    "StaticBridgeKVCache": "libra_model.modules.cache",
     "GenerationOutput": "libra_model.decoding",
     "generate": "libra_model.decoding",
     "init_from_llama": "libra_model.model",

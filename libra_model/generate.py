@@ -4,6 +4,10 @@ The checkpoint directory holds the model (config.json + safetensors) and, unless
 directory, the processor files (tokenizer/, clip/, vision_tokenizer.ckpt, processor_config.json; see
 :mod:`libra_model.processor`). Prompts use the "v1" chat template by default (image first, ending with
 "ASSISTANT:"), as the released demo does; several ``--prompt`` arguments make one left-padded batch.
+
+Decoding takes the fast path by default: the static text cache (``--cache static``) and, where compiled decoding
+pays off (a CUDA device with Triton, see :func:`libra_model.decoding.compiled_decoding_available`), the compiled
+decode step (``--compile auto``). ``--num-beams K`` runs beam search.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering (default)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (greedy otherwise)")
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam scores: log-prob / length ** this")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--cache", default="static", choices=["static", "dynamic"],
+                        help="static: the static text cache (default); dynamic: the general cache, eager")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="compile the static cache's decode step: auto = on a CUDA device with Triton")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: as saved)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -45,6 +58,17 @@ def _load_images(paths: list[str], count: int) -> list:
         raise SystemExit(f"give one --image per --prompt ({count}), one for all, or none; got {len(paths)}")
     images = [Image.open(path).convert("RGB") for path in paths]
     return images * count if len(images) == 1 else images
+
+
+def decoding_options(args: argparse.Namespace, device: torch.device) -> dict:
+    """The ``cache``/``compile`` arguments of ``generate`` for the command line's ``--cache`` and ``--compile``."""
+    from libra_model.decoding import compiled_decoding_available
+
+    if args.compile == "on" and args.cache != "static":
+        raise SystemExit("--compile on needs --cache static")
+    compile_step = args.compile == "on" or (args.compile == "auto" and args.cache == "static"
+                                            and compiled_decoding_available(device))
+    return {"cache": args.cache, "compile": compile_step}
 
 
 def run(args: argparse.Namespace) -> list[str]:
@@ -68,7 +92,10 @@ def run(args: argparse.Namespace) -> list[str]:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(inputs["input_ids"], inputs["vision_indices"], inputs.get("attention_mask"), signal,
                          max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                         temperature=args.temperature, top_p=args.top_p, generator=generator)
+                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                         repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+                         length_penalty=args.length_penalty, stop_strings=args.stop or None, tokenizer=processor,
+                         generator=generator, **decoding_options(args, device))
     answers = []
     eos = model.config.eos_token_id
     for b in range(out.new_tokens.shape[1]):

@@ -8,7 +8,6 @@ for beam search. An answer is the generated text up to EOS, cut at its first new
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -42,19 +41,14 @@ def prompt_for(task: str, question: str | None) -> tuple[str, str | None]:
     raise ValueError(f"prompt_for: task must be one of {TASKS}, got {task!r}")
 
 
-def beam_kwargs(num_beams: int) -> dict:
-    """The keyword arguments that ask ``model.generate`` for ``num_beams`` beams: none for greedy (1); raises
-    ValueError for num_beams > 1 when this version's ``generate`` has no beam search."""
-    from libra_model import decoding
+def decoding_kwargs(num_beams: int, device: torch.device) -> dict:
+    """The keyword arguments of ``model.generate`` for evaluation: ``num_beams`` beams (1 = greedy) on the static
+    cache, with the compiled decode step where it is available on ``device`` (a CUDA device with Triton)."""
+    from libra_model.decoding import compiled_decoding_available
 
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
-    if "num_beams" in inspect.signature(decoding.generate).parameters:
-        return {"num_beams": num_beams}
-    if num_beams > 1:
-        raise ValueError(f"num_beams={num_beams}: model.generate has no beam search in this version; use "
-                         "num_beams=1 (greedy decoding)")
-    return {}
+    return {"num_beams": num_beams, "cache": "static", "compile": compiled_decoding_available(device)}
 
 
 def _read_image(item: EvalItem):
@@ -97,7 +91,7 @@ def predict(model, processor, task: str, items: Sequence[EvalItem], *, batch_siz
         model: a LibraForCausalLM (TP-sharded models work when every rank calls this with the same items).
         processor: its LibraProcessor.  task: "caption" or "vqa".  items: the requests.
         batch_size: prompts per generate call (left-padded).  max_new_tokens: per answer.
-        num_beams: 1 = greedy (see :func:`beam_kwargs`).  dtype: the contiguous signal's dtype (default the model's
+        num_beams: 1 = greedy (see :func:`decoding_kwargs`).  dtype: the contiguous signal's dtype (default the model's
             embedding dtype).  stats: counts the skipped (missing / corrupt) images.  progress: a tqdm bar on stderr.
     Returns:
         {key: answer str} in item order, without the skipped items.
@@ -107,10 +101,10 @@ def predict(model, processor, task: str, items: Sequence[EvalItem], *, batch_siz
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"predict: {name} must be a positive int, got {value!r}")
-    extra = beam_kwargs(num_beams)
     stats = stats if stats is not None else SkipStats()
     dtype = dtype or model.model.embed_tokens.weight.dtype
     device = model.model.embed_tokens.weight.device
+    extra = decoding_kwargs(num_beams, device)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -20,7 +20,7 @@ from torch import nn
 
 from libra_kernels import ModalityLayout, bridge_attention, pack_rows, rotary, routed_linear, routed_projections
 from libra_model.config import LibraConfig
-from libra_model.modules.cache import BridgeKVCache
+from libra_model.modules.cache import BridgeKVCache, StaticBridgeKVCache
 from libra_model.modules.layers import LibraLinear, linear, op_backend, routed_dropout
 from libra_model.modules.tensor_parallel import copy_to_tp_region, reduce_from_tp_region
 
@@ -31,7 +31,8 @@ class AttentionContext:
 
     layout: the sorted layout of the B·N new tokens. cos, sin: RoPE tables [B, N, 1|H, d] in the model dtype.
     vision_mask: bool [B, L] over all keys (L = cached + N). key_padding_mask: bool [B, L] or None.
-    cache: the bridge KV cache or None.
+    cache: the bridge KV cache, the static text cache or None. decode_slot: int64 [] (on the device) on a text
+    decoding step with the static cache: the slot the new tokens (all text, one per row) are written to.
     """
 
     layout: ModalityLayout
@@ -39,7 +40,8 @@ class AttentionContext:
     sin: torch.Tensor
     vision_mask: torch.Tensor
     key_padding_mask: torch.Tensor | None
-    cache: BridgeKVCache | None = None
+    cache: BridgeKVCache | StaticBridgeKVCache | None = None
+    decode_slot: torch.Tensor | None = None
 
 
 class LibraAttention(nn.Module):
@@ -142,11 +144,15 @@ class LibraAttention(nn.Module):
             q, k = rope(heads(q), heads(k))
             k_bridge = v_bridge = torch.zeros_like(k)
         v = heads(v)
-        if ctx.cache is not None:
-            k, k_bridge, v, v_bridge = ctx.cache.update(self.layer_idx, k, k_bridge, v, v_bridge)
-        out = bridge_attention(q, k, v, k_bridge, v_bridge, ctx.vision_mask, causal=True,
-                               key_padding_mask=ctx.key_padding_mask,
-                               backend=op_backend(self.backend, "bridge_attention"))
+        if ctx.decode_slot is not None:
+            # Text decoding on the static cache: its keys and values are already as a text query sees them.
+            out = ctx.cache.attend(self.layer_idx, q, k, v, ctx.decode_slot)
+        else:
+            if ctx.cache is not None:
+                k, k_bridge, v, v_bridge = ctx.cache.update(self.layer_idx, k, k_bridge, v, v_bridge)
+            out = bridge_attention(q, k, v, k_bridge, v_bridge, ctx.vision_mask, causal=True,
+                                   key_padding_mask=ctx.key_padding_mask,
+                                   backend=op_backend(self.backend, "bridge_attention"))
         out = layout.sort(out.reshape(batch, length, -1))
         if self.config.addition_mode:
             out = self._dense_plus_expert(out, n_text, self.o_proj, self.vision_o_proj)

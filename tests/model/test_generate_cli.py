@@ -63,3 +63,23 @@ def test_cli_text_only_and_bad_image_count(checkpoint, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoint), "--prompt", "a", "--prompt", "b", "--prompt", "c",
               "--image", "x.png", "--image", "y.png", "--device", "cpu"])
+
+
+def test_cli_fast_path_beams_and_options(checkpoint, capsys):
+    import argparse
+
+    from libra_model.generate import decoding_options, main
+
+    common = ["--checkpoint", str(checkpoint), "--prompt", "hello there", "--prompt", "a", "--max-new-tokens", "5",
+              "--device", "cpu"]
+    assert main(common + ["--cache", "dynamic"]) == 0
+    dynamic = capsys.readouterr().out
+    assert main(common) == 0  # the default: the static cache (not compiled on the CPU)
+    assert capsys.readouterr().out == dynamic
+    assert main(common + ["--num-beams", "3", "--length-penalty", "0.5"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    options = decoding_options(argparse.Namespace(cache="static", compile="auto"), torch.device("cpu"))
+    assert options == {"cache": "static", "compile": False}
+    assert decoding_options(argparse.Namespace(cache="static", compile="on"), torch.device("cpu"))["compile"]
+    with pytest.raises(SystemExit):
+        decoding_options(argparse.Namespace(cache="dynamic", compile="on"), torch.device("cpu"))
