@@ -40,20 +40,66 @@ _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 
-def _configs(blocks: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, warps, stages) -> configs; under the interpreter a single small one (no benchmarking)."""
+# Autotuning candidates (BLOCK_M, BLOCK_N, warps, stages) per kernel and architecture, chosen from ahead-of-time
+# compilations for sm_80 and sm_90a at head dims 64 and 128 (ptxas registers and spills, shared memory, pipelined
+# loads: the table is in bench/NOTES.md, the check in tests/kernels/test_bridge_attention_compile.py); not yet timed
+# on a GPU. Rules the numbers gave: an MMA tile has 16 rows per warp, so BLOCK_M = 16 x warps in the dq kernel and
+# BLOCK_N = 16 x warps in the dk/dv kernel (more warps than 16-row slices replicate the other operand in every warp,
+# and ptxas spills kilobytes); the tile the loop walks over (the keys of the dq kernel, the queries of the dk/dv
+# kernel) is a B operand that every warp holds whole, 16 rows of it at head dim 128.
+_CANDIDATES = {
+    "fwd": {80: [(64, 64, 8, 3), (128, 32, 8, 3)], 90: [(64, 64, 8, 3), (128, 32, 8, 3)]},
+    "dq": {80: [(128, 16, 8, 3), (64, 16, 4, 3)], 90: [(128, 16, 8, 3), (128, 16, 8, 2)]},
+    "dkdv": {80: [(16, 64, 8, 3)], 90: [(16, 64, 8, 3)]},
+}
+ARCHITECTURES = (80, 90)  # compute capabilities the candidates are made for (sm_80: A100, sm_90a: H100/H200)
+KERNELS = tuple(_CANDIDATES)
+
+
+def _config(blocks: tuple[int, int, int, int]) -> triton.Config:
+    m, n, warps, stages = blocks
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+
+def _blocks(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _architecture(capability: int) -> int:
+    """The architecture whose candidates a GPU of compute capability ``capability`` (major * 10 + minor) gets: the
+    newest of ARCHITECTURES not above it (sm_86/sm_89 take sm_80's, sm_100 sm_90's), the oldest for older GPUs."""
+    return max((arch for arch in ARCHITECTURES if arch <= capability), default=ARCHITECTURES[0])
+
+
+def candidate_configs(kernel: str, capability: int) -> list[triton.Config]:
+    """The autotuning candidates of ``kernel`` ("fwd", "dq" or "dkdv") for a GPU of compute capability
+    ``capability`` (an int, major * 10 + minor: 80 for A100, 90 for H100), others mapped to the nearest older
+    architecture the candidates are made for (see ``ARCHITECTURES``)."""
+    if kernel not in _CANDIDATES:
+        raise ValueError(f"candidate_configs: kernel must be one of {KERNELS}, got {kernel!r}")
+    if isinstance(capability, bool) or not isinstance(capability, int) or capability <= 0:
+        raise TypeError(f"candidate_configs: capability must be a positive int (major * 10 + minor, e.g. 80 or 90), "
+                        f"got {capability!r}")
+    return [_config(blocks) for blocks in _CANDIDATES[kernel][_architecture(capability)]]
+
+
+def _tuning(kernel: str) -> dict:
+    """Autotuner arguments of ``kernel``: the candidates of every architecture, pruned at the first launch to those of
+    the launching GPU (so each GPU only tries its own); under the interpreter a single small tile (no benchmarking).
+    """
     if INTERPRETED:
-        blocks = [(16, 16, 1, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
+        return dict(configs=[_config((16, 16, 1, 1))])
+    blocks = sorted({b for arch in ARCHITECTURES for b in _CANDIDATES[kernel][arch]})
+
+    def prune(configs, named_args, **kwargs):
+        major, minor = torch.cuda.get_device_capability(named_args["Q"].device)
+        wanted = set(_CANDIDATES[kernel][_architecture(10 * major + minor)])
+        return [config for config in configs if _blocks(config) in wanted]
+
+    return dict(configs=[_config(b) for b in blocks], prune_configs_by={"early_config_prune": prune})
 
 
-# Candidates, chosen from ahead-of-time compilations for sm_90a and sm_80 (ptxas register and spill reports; not yet
-# timed on a GPU). Autotuning picks one per (key length bucket, head dim, causal, padding, dtype); configurations
-# that exceed a GPU's shared memory are skipped by the autotuner (the second dq one is for sm_80's smaller shared
-# memory). Few on purpose: each is a compilation of each kernel for each head count, head dim and dtype.
-FWD_CONFIGS = _configs([(64, 64, 8, 3), (128, 32, 8, 3)])
-DQ_CONFIGS = _configs([(64, 64, 8, 3), (32, 64, 4, 2)])
-DKDV_CONFIGS = _configs([(16, 64, 8, 3), (32, 64, 8, 3)])
+# Autotuning picks one candidate per (key length bucket, head dim, causal, padding, dtype).
 TUNE_KEY = ["n_bucket", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
 
 
@@ -165,7 +211,7 @@ def _causal_bounds(start_m, offset, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
     return full_hi, hi
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.autotune(key=TUNE_KEY, **_tuning("fwd"))
 @triton.jit
 def _bridge_fwd_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, LSE, n_queries, n_keys, scale_log2: tl.float64, n_bucket,
                        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -246,7 +292,7 @@ def _dq_tiles(dq, q, do, lse2, delta, q_pos, q_kind, vis_q, k_base, v_base, kb_b
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
+@triton.autotune(key=TUNE_KEY, **_tuning("dq"))
 @triton.jit
 def _bridge_dq_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, DO, LSE, DELTA, DQ, n_queries, n_keys, scale: tl.float64,
                       scale_log2: tl.float64, n_bucket, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
@@ -363,7 +409,7 @@ def _dkdv_tiles(grad_k, grad_v, k, v, k_pos, k_kind, vis_k, key_bias, kb_base, v
     return grad_k, grad_v
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY)
+@triton.autotune(key=TUNE_KEY, **_tuning("dkdv"))
 @triton.jit
 def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, DV, DKB, DVB, n_queries, n_keys,
                         scale: tl.float64, scale_log2: tl.float64, n_bucket, HEADS: tl.constexpr,
