@@ -121,12 +121,9 @@ def _name(result) -> str:
             f"({m}, {n}, {warps} warps, {stages} stages)")
 
 
-# Candidates the dk/dv restructuring has not reached yet (see bench/NOTES.md): at head dim 128 every warp holds four
-# 16 x 128 bf16 operand tiles (k, v, k_bridge, v_bridge) and two 16 x 128 float32 accumulators, more than 255
-# registers before any score tile. They are expected to fail (strict: one that stops spilling fails the run too, so
-# that this list shrinks with the fixes).
-KNOWN_SPILLS = {("dkdv", 80, 64, "gqa+pad"), ("dkdv", 80, 128, "mha"), ("dkdv", 80, 128, "gqa+pad"),
-                ("dkdv", 90, 128, "mha"), ("dkdv", 90, 128, "gqa+pad")}
+# Compilations that still spill (bench/NOTES.md): sm_80's dk/dv kernel with grouped-query heads and key padding, 32-60
+# bytes. They are expected to fail, strictly: one that stops spilling fails the run too, so that the list shrinks.
+KNOWN_SPILLS = {("dkdv", 80, 64, "gqa+pad"), ("dkdv", 80, 128, "gqa+pad")}
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +156,7 @@ def test_shared_memory_and_pipelined_loads(compilations, kernel, capability):
 @pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
 def test_no_spills(compilations, request, kernel, capability, dim, variant):
     if (kernel, capability, dim, variant) in KNOWN_SPILLS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="dk/dv kernel not yet restructured: spills"))
+        request.applymarker(pytest.mark.xfail(strict=True, reason="known spill, see KNOWN_SPILLS"))
     results = [r for r in compilations if (r["kernel"], r["capability"], r["dim"], r["variant"]) ==
                (kernel, capability, dim, variant)]
     assert results
