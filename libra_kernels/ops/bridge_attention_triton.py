@@ -23,9 +23,10 @@ tiles entirely below it skip the causal mask. The dk/dv kernel sweeps its query 
 sees the key block, with the keys and values as that modality sees them (k + [m_j != modality] k_bridge, formed once
 per sweep): each step is FlashAttention's four products with two [BLOCK_N, D] operands and two accumulators live, and
 the bridge gradients fall out of the sweep of the other modality. Query blocks of the other modality are walked with
-predicated loads that read nothing and contribute zero (no branch, so the loads stay software-pipelined). The
+predicated loads that read nothing and contribute zero (no branch, so the loads stay software-pipelined). Padded
+keys are not masked per tile: a key's row of p^T only reaches its own gradients, zeroed once at the end. The
 backward is deterministic: no atomics; the gradients of a shared key/value head (grouped-query attention) are summed
-in registers by the one program that owns its key block.
+in registers by the one program that owns its key block, in one flat loop over (query head, query block).
 """
 
 import os
@@ -348,28 +349,36 @@ def _bridge_dq_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, DO, LSE, DELTA, DQ
 
 
 @triton.jit
-def _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, key_bias, scale_log2, MASKED: tl.constexpr, HAS_PAD: tl.constexpr):
-    """(p^T, ds^T) [BLOCK_N, BLOCK_M] from the raw transposed scores and dP^T of a tile (ds without the scale)."""
+def _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, scale_log2, MASKED: tl.constexpr):
+    """(p^T, ds^T) [BLOCK_N, BLOCK_M] from the raw transposed scores and dP^T of a tile (ds without the scale).
+    Padded keys are not masked here: a key's row of p^T only reaches its own gradients, which the kernel zeroes."""
     st *= scale_log2
     if MASKED:
         st = tl.where(k_pos[:, None] <= q_pos[None, :], st, float("-inf"))
-    if HAS_PAD:
-        st += key_bias[:, None]
     pt = tl.exp2(st - lse2[None, :])
     return pt, pt * (dpt - delta[None, :])
 
 
 @triton.jit
-def _dkdv_tiles(grad_k, grad_v, k, v, k_pos, key_bias, q_base, do_base, q_row, q_offs, lse_row, delta_row, vis_row,
-                count_row, n_queries, n_keys, offset, scale_log2, modality, lo, hi,
+def _dkdv_tiles(grad_k, grad_v, k, v, k_pos, q_group, do_group, q_row, q_offs, lse_group, delta_group, vis_row,
+                count_row, n_queries, n_keys, offset, scale_log2, modality, lo, hi, GROUP: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate the contributions of the queries of one ``modality`` (0 text, 1 vision) in the query blocks
-    [lo, hi) of one query head into the key block's (grad_k, grad_v) [BLOCK_N, BLOCK_D]. ``k``, ``v`` are the keys
+    [lo, hi) of the GROUP query heads sharing the key/value head (pointers at the first: q_group, do_group of q/dO,
+    lse_group, delta_group of the statistics) into the key block's (grad_k, grad_v) [BLOCK_N, BLOCK_D]. One flat loop
+    over (head, block): nested loops carried more live values, and spilled. ``k``, ``v`` are the keys
     and values as those queries see them (k + [m_j != modality] k_bridge, likewise v), so each step is FlashAttention's
     work: four products. Blocks without a query of ``modality`` are skipped (their loads read nothing); in a mixed
     block the other modality's rows get zero probability. Scores are transposed: [BLOCK_N, BLOCK_M]."""
-    for start_m in range(lo, hi, BLOCK_M):
+    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+    for step in range(0, GROUP * n_blocks):
+        g = step // n_blocks
+        start_m = lo + (step - g * n_blocks) * BLOCK_M
+        q_base = q_group + g * HEAD_DIM
+        do_base = do_group + g * HEAD_DIM
+        lse_row = lse_group + g * n_queries
+        delta_row = delta_group + g * n_queries
         rows = start_m + tl.arange(0, BLOCK_M)
         q_pos = offset + rows
         q_kind = _span_kind(count_row, offset + start_m, tl.minimum(offset + start_m + BLOCK_M, n_keys))
@@ -385,7 +394,7 @@ def _dkdv_tiles(grad_k, grad_v, k, v, k_pos, key_bias, q_base, do_base, q_row, q
         delta = tl.load(delta_row + rows, mask=in_rows, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-        pt, dst = _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, key_bias, scale_log2, MASKED, HAS_PAD)
+        pt, dst = _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, scale_log2, MASKED)
         grad_v = tl.dot(pt.to(do.dtype), do, grad_v, input_precision=PRECISION, out_dtype=ACC)
         grad_k = tl.dot(dst.to(q.dtype), q, grad_k, input_precision=PRECISION, out_dtype=ACC)
     return grad_k, grad_v
@@ -428,10 +437,6 @@ def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, D
     k_pos = start_n + tl.arange(0, BLOCK_N)
     vis_k = tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)
     k_kind = _span_kind(count_row, start_n, tl.minimum(start_n + BLOCK_N, n_keys))
-    key_bias = tl.zeros([BLOCK_N], ACC)
-    if HAS_PAD:  # a padded key gets no probability, hence zero gradients
-        real = tl.load(PAD + b * n_keys + k_pos, mask=k_pos < n_keys, other=0)
-        key_bias = tl.where(real != 0, 0.0, float("-inf")).to(ACC)
 
     if CAUSAL:
         # Query i (key position i + offset) sees this block iff i + offset >= start_n; it sees all of it iff
@@ -465,18 +470,20 @@ def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, D
                             bridged_rows[:, None])
             v += _load_rows(VB + kv_head, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST,
                             bridged_rows[:, None])
-            for g in range(group):
-                h = kvh * group + g
-                q_head = (b * n_queries * HEADS + h) * HEAD_DIM
-                stat_row = (b * HEADS + h) * n_queries
-                grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, key_bias, Q + q_head, DO + q_head, q_row,
-                                             q_offs, LSE + stat_row, DELTA + stat_row, vis_row, count_row, n_queries,
-                                             n_keys, offset, scale_log2, modality, first_m, full_m, HEAD_DIM,
-                                             BLOCK_D, BLOCK_M, True, HAS_PAD, UPCAST, ACC, PRECISION)
-                grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, key_bias, Q + q_head, DO + q_head, q_row,
-                                             q_offs, LSE + stat_row, DELTA + stat_row, vis_row, count_row, n_queries,
-                                             n_keys, offset, scale_log2, modality, full_m, n_queries, HEAD_DIM,
-                                             BLOCK_D, BLOCK_M, False, HAS_PAD, UPCAST, ACC, PRECISION)
+            q_group = (b * n_queries * HEADS + kvh * group) * HEAD_DIM
+            stat_group = (b * HEADS + kvh * group) * n_queries
+            grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, Q + q_group, DO + q_group, q_row, q_offs,
+                                         LSE + stat_group, DELTA + stat_group, vis_row, count_row, n_queries, n_keys,
+                                         offset, scale_log2, modality, first_m, full_m, group, HEAD_DIM, BLOCK_D,
+                                         BLOCK_M, True, UPCAST, ACC, PRECISION)
+            grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, Q + q_group, DO + q_group, q_row, q_offs,
+                                         LSE + stat_group, DELTA + stat_group, vis_row, count_row, n_queries, n_keys,
+                                         offset, scale_log2, modality, full_m, n_queries, group, HEAD_DIM, BLOCK_D,
+                                         BLOCK_M, False, UPCAST, ACC, PRECISION)
+            if HAS_PAD:  # a padded key gets no probability, hence zero gradients
+                real = tl.load(PAD + b * n_keys + k_pos, mask=k_pos < n_keys, other=0)
+                grad_k = tl.where(real[:, None] != 0, grad_k, 0.0)
+                grad_v = tl.where(real[:, None] != 0, grad_v, 0.0)
         # Rows whose modality differs from this sweep's: what this sweep added is their whole bridge gradient.
         _store_rows_where(DKB + kv_head, kv_offs, start_n, n_keys, kv_row, grad_k * scale, bridged_rows, BLOCK_N,
                           HEAD_DIM, BLOCK_D)

@@ -121,11 +121,6 @@ def _name(result) -> str:
             f"({m}, {n}, {warps} warps, {stages} stages)")
 
 
-# Compilations that still spill (bench/NOTES.md): sm_80's dk/dv kernel with grouped-query heads and key padding, 32-60
-# bytes. They are expected to fail, strictly: one that stops spilling fails the run too, so that the list shrinks.
-KNOWN_SPILLS = {("dkdv", 80, 64, "gqa+pad"), ("dkdv", 80, 128, "gqa+pad")}
-
-
 @pytest.fixture(scope="module")
 def compilations():
     return compile_all()
@@ -154,9 +149,7 @@ def test_shared_memory_and_pipelined_loads(compilations, kernel, capability):
 @pytest.mark.parametrize("dim", HEAD_DIMS)
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
-def test_no_spills(compilations, request, kernel, capability, dim, variant):
-    if (kernel, capability, dim, variant) in KNOWN_SPILLS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="known spill, see KNOWN_SPILLS"))
+def test_no_spills(compilations, kernel, capability, dim, variant):
     results = [r for r in compilations if (r["kernel"], r["capability"], r["dim"], r["variant"]) ==
                (kernel, capability, dim, variant)]
     assert results
