@@ -16,7 +16,8 @@ pipelining. The dk/dv kernel does it with its own key block, which stays put.)
 How a tile's modality mix is known without a host sync: the launcher computes, on the device, a per-row running
 count of vision tokens ``counts[b, j] = #vision among positions < j`` ([B, Nk + 1] int32, one cumsum). In the kernel
 the number of vision tokens in positions [s, e) is counts[e] - counts[s]: two scalar loads, no reduction across the
-program. Zero means all text, e - s all vision, anything else mixed. Per-token flags are loaded on bridged tiles only.
+program. Zero means all text, e - s all vision, anything else mixed. Per-token flags are loaded on bridged tiles only
+(in the dk/dv kernel: on the query blocks a sweep computes).
 
 Causal tiles entirely above the diagonal are never visited (the loops stop at the last key a query block can see);
 tiles entirely below it skip the causal mask. The dk/dv kernel sweeps its query blocks once per query modality that
