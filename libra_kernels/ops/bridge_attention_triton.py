@@ -1,4 +1,5 @@
-"""Triton kernels of bridge attention: a FlashAttention-2 style forward and backward (DESIGN.md §4).
+"""Triton kernels of bridge attention: a FlashAttention-2 style forward and backward
+(docs/operators.md, bridge_attention).
 
 Forward: one program per (query block, head, batch row); online softmax in float32 (float64 for float64 input)
 over the key tiles, log-sum-exp saved. Backward: a dq kernel (one program per query block, which also writes
