@@ -118,6 +118,10 @@ class MasterAdamW:
         self.partial_buffer.zero_()
         self.other_buffer.zero_()
 
+    def start_last_micro_batch(self) -> None:
+        """Nothing to do: this optimizer reduces its buffers only in :meth:`reduce` (the distributed optimizer starts
+        its bucket reductions here)."""
+
     def reduce(self, parallel) -> None:
         """The one deferred reduction of the step (``parallel``: a ``ParallelState``)."""
         reduce_gradients_(self.partial_buffer, self.other_buffer, dp_group=parallel.dp_group,
