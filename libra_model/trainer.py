@@ -14,10 +14,12 @@ as ``grad_accum`` micro-batches of ``micro_batch_size``; the loss is Libra's los
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -278,6 +280,23 @@ def _build_model(cfg: TrainConfig, config: LibraConfig, parallel: ParallelState,
     return model, None
 
 
+@contextlib.contextmanager
+def _preserved_rng():
+    """Restore the Python, NumPy and torch CPU random states on exit."""
+    state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # numpy is optional here
+        np, np_state = None, None
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(state)
+    if np is not None:
+        np.random.set_state(np_state)
+
+
 def _build_processor(cfg: TrainConfig, config: LibraConfig, parallel: ParallelState):
     from libra_model.processor import LibraProcessor
 
@@ -293,7 +312,10 @@ def _build_processor(cfg: TrainConfig, config: LibraConfig, parallel: ParallelSt
         # quantiser sized from the model config: enough to learn the shapes set, and to benchmark any model size.
         directory = os.path.join(cfg.output_dir, "processor")
         if parallel.is_main and not os.path.isfile(os.path.join(directory, "processor_config.json")):
-            build_tiny_processor_dir(directory, config, texts=ShapesCaptions.vocabulary_text(), seed=cfg.seed)
+            # Only rank 0 builds it: keep the random streams untouched, so every rank (DP replicas included) still
+            # builds the same initial weights afterwards.
+            with _preserved_rng():
+                build_tiny_processor_dir(directory, config, texts=ShapesCaptions.vocabulary_text(), seed=cfg.seed)
         parallel.barrier()
     return LibraProcessor.from_pretrained(directory, config, device=parallel.device, torch_dtype=torch.float32)
 

@@ -144,8 +144,13 @@ def load_checkpoint(path: str, model, optimizer, parallel, *, load_optimizer: bo
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=not parallel.distributed)
-    if hasattr(optimizer, "after_load") and load_optimizer:
-        optimizer.after_load()
+    if hasattr(optimizer, "after_load"):
+        # The distributed optimizer: the loaded shards gathered into the parameters, or, when only the weights were
+        # loaded, its master shard taken from them.
+        if load_optimizer:
+            optimizer.after_load()
+        else:
+            optimizer.masters_from_params()
     elif optimizer is not None:
         optimizer.sync_params_from_masters()
     return pickle.loads(state["train"])

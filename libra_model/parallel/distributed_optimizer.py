@@ -464,3 +464,11 @@ class DistributedMasterAdamW:
         for p in self._seg_params:
             self.optimizer.state[p]["step"].copy_(self.step_count)
         self.sync_params_from_masters()
+
+    @torch.no_grad()
+    def masters_from_params(self) -> None:
+        """Set this rank's master shard from the model's parameters (after loading the weights without the optimizer
+        state; no collective)."""
+        for segment in self.segments:
+            value = self.params[segment.name].detach().reshape(-1)[segment.lo:segment.hi]
+            self._shard_view(self.master_shards, segment).copy_(value)
