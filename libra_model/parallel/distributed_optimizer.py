@@ -56,7 +56,7 @@ class _Bucket:
     names: list[str] = field(default_factory=list)
     pending: int = 0  # parameters still without their last-micro-batch gradient
     handle: object = None
-    staging: torch.Tensor | None = None  # the reduce-dtype shard when the reduction is not in float32
+    staging: tuple | None = None  # (shard, bucket) in the reduce dtype when the reduction is not in float32
 
 
 @dataclass
@@ -280,8 +280,10 @@ class DistributedMasterAdamW:
             own.copy_(full)
             return
         if self.reduce_dtype != self.master_dtype:
-            bucket.staging = torch.empty(bucket.shard, dtype=self.reduce_dtype, device=own.device)
-            bucket.handle = _reduce_scatter(bucket.staging, full.to(self.reduce_dtype), self.parallel.dp_group, True)
+            # Both the cast input and the output are kept on the bucket until the collective has finished.
+            bucket.staging = (torch.empty(bucket.shard, dtype=self.reduce_dtype, device=own.device),
+                              full.to(self.reduce_dtype))
+            bucket.handle = _reduce_scatter(*bucket.staging, self.parallel.dp_group, True)
         else:
             bucket.handle = _reduce_scatter(own, full, self.parallel.dp_group, True)
         COLLECTIVES[("grad_reduce_scatter_dp", "step")] += 1
@@ -300,7 +302,7 @@ class DistributedMasterAdamW:
                 bucket.handle.wait()
                 bucket.handle = None
             if bucket.staging is not None:
-                self._own(bucket, self.grad_shards).copy_(bucket.staging)
+                self._own(bucket, self.grad_shards).copy_(bucket.staging[0])
                 bucket.staging = None
         self._last_micro_batch = False
         if self.tp > 1 and self.grad_shards["partial"].numel():
@@ -365,6 +367,13 @@ class DistributedMasterAdamW:
             COLLECTIVES[("param_all_gather_dp", "step")] += 1
         for handle in handles:
             handle.wait()
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank allocates for training state: "weights" (the flat trainable parameter buffers),
+        "grads" (the float32 gradient buffers and their shard), "optimizer" (master shard and both moments)."""
+        size = lambda buffers: sum(t.numel() * t.element_size() for t in buffers.values())  # noqa: E731
+        return {"weights": size(self.param_buffers), "grads": size(self.grad_buffers) + size(self.grad_shards),
+                "optimizer": size(self.master_shards) + size(self.exp_avg) + size(self.exp_avg_sq)}
 
     # ------------------------------------------------------------------------------------------ checkpoint
     @torch.no_grad()

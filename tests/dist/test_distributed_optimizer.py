@@ -100,7 +100,7 @@ def _dp2(rank, world_size, root):
         mine = slice_batch(batch, 2 * rank, 2 * rank + 2)
         micro = [slice_batch(mine, 0, 1), slice_batch(mine, 1, 2)]
         ref, model = clone(full), clone(full)
-        _, res_ref = _train(parallel, ref, micro, distributed=False)
+        opt_ref, res_ref = _train(parallel, ref, micro, distributed=False)
         COLLECTIVES.clear()
         optimizer, res = _train(parallel, model, micro, distributed=True)
         for a, b in zip(res_ref, res):
@@ -120,7 +120,13 @@ def _dp2(rank, world_size, root):
             dict(COLLECTIVES)
         # Each rank keeps only its half of the optimizer state.
         state = sum(t.numel() for t in optimizer.master_shards.values())
-        assert state * 2 == sum(b.padded for b in optimizer.buckets)
+        padded = sum(b.padded for b in optimizer.buckets)
+        trained = sum(p.numel() for p in ref.parameters() if p.requires_grad)
+        assert state * 2 == padded and trained <= padded < trained + 2 * buckets
+        # Bytes per rank (float64 here): the replicated optimizer's masters are the parameters themselves.
+        assert opt_ref.memory_bytes() == {"weights": 8 * trained, "grads": 8 * trained, "optimizer": 16 * trained}
+        assert optimizer.memory_bytes() == {"weights": 8 * padded, "grads": 8 * padded + 8 * state,
+                                            "optimizer": 24 * state}
         if frozen:
             assert all(name in optimizer.names for name, p in model.named_parameters() if p.requires_grad)
             assert all("vision" in name for name in optimizer.names)
