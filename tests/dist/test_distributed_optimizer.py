@@ -100,6 +100,8 @@ def _dp2(rank, world_size, root):
         mine = slice_batch(batch, 2 * rank, 2 * rank + 2)
         micro = [slice_batch(mine, 0, 1), slice_batch(mine, 1, 2)]
         ref, model = clone(full), clone(full)
+        if frozen:
+            model.activation_checkpointing_enable()  # recomputation must not fire a gradient hook twice
         opt_ref, res_ref = _train(parallel, ref, micro, distributed=False)
         COLLECTIVES.clear()
         optimizer, res = _train(parallel, model, micro, distributed=True)
