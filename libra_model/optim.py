@@ -118,6 +118,10 @@ class MasterAdamW:
         self.partial_buffer.zero_()
         self.other_buffer.zero_()
 
+    def start_last_micro_batch(self) -> None:
+        """Nothing to do: this optimizer reduces its buffers only in :meth:`reduce` (the distributed optimizer starts
+        its bucket reductions here)."""
+
     def reduce(self, parallel) -> None:
         """The one deferred reduction of the step (``parallel``: a ``ParallelState``)."""
         reduce_gradients_(self.partial_buffer, self.other_buffer, dp_group=parallel.dp_group,
@@ -153,6 +157,15 @@ class MasterAdamW:
             master.grad = None
             if master is not param:
                 param.copy_(master)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank allocates for training state: "weights" (the trainable parameters), "grads" (the flat
+        gradient buffers), "optimizer" (separate masters, when the parameters have a lower dtype, and both moments)."""
+        size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+        state = [s[k] for s in self.named_state().values() for k in ("exp_avg", "exp_avg_sq")]
+        masters = [self.masters[n] for n in self.names if self.masters[n] is not self.params[n]]
+        return {"weights": size(self.params.values()), "grads": size([self.partial_buffer, self.other_buffer]),
+                "optimizer": size(masters) + size(state)}
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def named_state(self) -> dict[str, dict[str, torch.Tensor]]:

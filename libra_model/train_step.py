@@ -81,7 +81,7 @@ def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: flo
     """Forward/backward every micro-batch (already on the device), reduce, clip, step (see the module docstring).
 
     Args:
-        model: the (TP-sharded) model.  optimizer: a ``MasterAdamW`` over it.
+        model: the (TP-sharded) model.  optimizer: a ``MasterAdamW`` or ``DistributedMasterAdamW`` over it.
         micro_batches: this DP replica's micro-batches of the step (the same on all its TP ranks).
         parallel: the ``ParallelState``.  lr: learning rate of this step.
         max_grad_norm: clip the global norm to this (None = no clipping).
@@ -99,7 +99,9 @@ def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: flo
     weight = 1.0 / (len(micro_batches) * dp)
     # Loss and token count stay on the device until one transfer at the end of the step (no per-micro-batch sync).
     totals = torch.zeros(2, dtype=torch.float64, device=parallel.device)
-    for batch in micro_batches:
+    for index, batch in enumerate(micro_batches):
+        if index == len(micro_batches) - 1:
+            optimizer.start_last_micro_batch()  # the distributed optimizer reduces buckets during this backward
         loss = forward_loss(model, batch, counts, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
         if normalization == "mean_of_microbatches":
             loss = loss * weight

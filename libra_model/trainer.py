@@ -14,10 +14,12 @@ as ``grad_accum`` micro-batches of ``micro_batch_size``; the loss is Libra's los
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from libra_model.config import LibraConfig
 from libra_model.optim import MasterAdamW, warmup_cosine_lr
 from libra_model.parallel import dcp_checkpoint as ckpt
+from libra_model.parallel.distributed_optimizer import REDUCE_DTYPES, DistributedMasterAdamW
 from libra_model.parallel.mesh import ParallelState, init_parallel, seed_everything
 from libra_model.train_step import NORMALIZATIONS, train_step
 
@@ -78,6 +81,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     seed: int = 42
     tp: int = 1
+    distributed_optimizer: bool | None = None  # shard masters + AdamW moments over DP (ZeRO-1); None: when dp > 1
+    grad_reduce_dtype: str = "fp32"  # dtype of the DP gradient reduction: "fp32" | "bf16" (distributed optimizer)
     # output
     output_dir: str = "runs/default"
     log_every: int = 10
@@ -124,6 +129,15 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"TrainConfig: model_overrides must be a mapping, got {self.model_overrides!r}")
+        if self.distributed_optimizer is not None and not isinstance(self.distributed_optimizer, bool):
+            raise ValueError(f"TrainConfig: distributed_optimizer must be true, false or null (true when dp > 1), "
+                             f"got {self.distributed_optimizer!r}")
+        if self.grad_reduce_dtype not in REDUCE_DTYPES:
+            raise ValueError(f"TrainConfig: grad_reduce_dtype must be one of {sorted(REDUCE_DTYPES)}, "
+                             f"got {self.grad_reduce_dtype!r}")
+        if self.grad_reduce_dtype != "fp32" and self.distributed_optimizer is False:
+            raise ValueError("TrainConfig: grad_reduce_dtype=bf16 needs the distributed optimizer "
+                             "(set distributed_optimizer=true or leave it null)")
         if self.init_libra and self.init_llama:
             raise ValueError("TrainConfig: give init_libra or init_llama, not both")
 
@@ -276,6 +290,23 @@ def _build_model(cfg: TrainConfig, config: LibraConfig, parallel: ParallelState,
     return model, master
 
 
+@contextlib.contextmanager
+def _preserved_rng():
+    """Restore the Python, NumPy and torch CPU random states on exit."""
+    state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # numpy is optional here
+        np, np_state = None, None
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(state)
+    if np is not None:
+        np.random.set_state(np_state)
+
+
 def _build_processor(cfg: TrainConfig, config: LibraConfig, parallel: ParallelState):
     from libra_model.processor import LibraProcessor
 
@@ -291,7 +322,10 @@ def _build_processor(cfg: TrainConfig, config: LibraConfig, parallel: ParallelSt
         # quantiser sized from the model config: enough to learn the shapes set, and to benchmark any model size.
         directory = os.path.join(cfg.output_dir, "processor")
         if parallel.is_main and not os.path.isfile(os.path.join(directory, "processor_config.json")):
-            build_tiny_processor_dir(directory, config, texts=ShapesCaptions.vocabulary_text(), seed=cfg.seed)
+            # Only rank 0 builds it: keep the random streams untouched, so every rank (DP replicas included) still
+            # builds the same initial weights afterwards.
+            with _preserved_rng():
+                build_tiny_processor_dir(directory, config, texts=ShapesCaptions.vocabulary_text(), seed=cfg.seed)
         parallel.barrier()
     return LibraProcessor.from_pretrained(directory, config, device=parallel.device, torch_dtype=torch.float32)
 
@@ -390,8 +424,16 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
         # The collator builds ids, vision indices and labels consistently; the model's value checks cost a
         # device-to-host sync per forward, so they run only with debug_checks.
         model.check_input_values = cfg.debug_checks
-    optimizer = MasterAdamW(model, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                            weight_decay=cfg.weight_decay, initial_masters=initial_masters)
+    adamw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                 initial_masters=initial_masters)
+    distributed_optimizer = parallel.dp > 1 if cfg.distributed_optimizer is None else cfg.distributed_optimizer
+    if cfg.grad_reduce_dtype != "fp32" and not distributed_optimizer:
+        raise ValueError(f"TrainConfig: grad_reduce_dtype={cfg.grad_reduce_dtype} needs the distributed optimizer, "
+                         f"which is off at dp={parallel.dp} (set distributed_optimizer=true)")
+    if distributed_optimizer:
+        optimizer = DistributedMasterAdamW(model, parallel, grad_reduce_dtype=cfg.grad_reduce_dtype, **adamw)
+    else:
+        optimizer = MasterAdamW(model, **adamw)
 
     from libra_model.data.loader import SkipStats
     from libra_model.data.pipeline import build_loader, build_source, model_inputs
@@ -432,6 +474,7 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * cfg.max_steps))
     _say(parallel, f"Libra training: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
                    f"{total:,} parameters ({trainable:,} trained); dp={parallel.dp} tp={parallel.tp} "
+                   f"({'distributed' if distributed_optimizer else 'replicated'} optimizer) "
                    f"on {parallel.device.type}, {str(dtype)[6:]} compute; global batch {cfg.global_batch_size} = "
                    f"{cfg.micro_batch_size} × {accum} accumulation × {parallel.dp} dp; dataset {cfg.dataset} "
                    f"({len(source):,} samples); MFU peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")

@@ -40,13 +40,20 @@ def _tp_mesh(parallel):
     return None if parallel.mesh is None else parallel.mesh["tp"]
 
 
-def _views(model, optimizer, parallel, include_frozen: bool) -> dict:
+def _views(model, optimizer, parallel, include_frozen: bool, saving: bool) -> dict:
     """The state dict DCP reads from / writes into: live tensors (masters, AdamW state) wrapped as TP views."""
     from libra_model.parallel.tp_plan import dcp_view
 
     mesh = _tp_mesh(parallel)
-    masters = optimizer.master_params() if optimizer is not None else {}
     model_state, optim_state = {}, {}
+    if hasattr(optimizer, "dcp_state"):
+        # The distributed optimizer's state is sharded over DP: its own views, in full-tensor coordinates.
+        model_state, optim_state = optimizer.dcp_state(saving=saving)
+        for name, param in model.named_parameters():
+            if not param.requires_grad and include_frozen:
+                model_state[name] = dcp_view(param.data, getattr(param, "_tp_shard_dim", None), mesh)
+        return {"model": model_state, "optim": optim_state}
+    masters = optimizer.master_params() if optimizer is not None else {}
     for name, param in model.named_parameters():
         if not param.requires_grad and not include_frozen:
             continue
@@ -73,7 +80,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, parallel, train_stat
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
     parallel.barrier()
-    state = _views(model, optimizer, parallel, include_frozen)
+    state = _views(model, optimizer, parallel, include_frozen, saving=True)
     # One opaque leaf, so DCP stores it whole (it would otherwise flatten nested dicts and lists into keys).
     state["train"] = pickle.dumps(train_state)
     with warnings.catch_warnings():
@@ -129,14 +136,22 @@ def load_checkpoint(path: str, model, optimizer, parallel, *, load_optimizer: bo
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise FileNotFoundError(f"load_checkpoint: {path} is not a complete checkpoint (no .metadata)")
     meta = read_meta(path)
-    state = _views(model, optimizer if load_optimizer else None, parallel, meta.get("include_frozen", True))
+    state = _views(model, optimizer if load_optimizer else None, parallel, meta.get("include_frozen", True),
+                   saving=False)
     if not load_optimizer:
         state.pop("optim")
     state["train"] = b""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=not parallel.distributed)
-    if optimizer is not None:
+    if hasattr(optimizer, "after_load"):
+        # The distributed optimizer: the loaded shards gathered into the parameters, or, when only the weights were
+        # loaded, its master shard taken from them.
+        if load_optimizer:
+            optimizer.after_load()
+        else:
+            optimizer.masters_from_params()
+    elif optimizer is not None:
         optimizer.sync_params_from_masters()
     return pickle.loads(state["train"])
 
