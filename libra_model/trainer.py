@@ -75,9 +75,10 @@ class TrainConfig:
     z_loss_weight: float = 0.0
     frozen_language: bool = False  # stage 1: only parameters named "*vision*" train (LIBRA.md §1.4)
     precision: str = "auto"  # "auto" = bf16 compute on CUDA, fp32 on the CPU; master weights are always fp32
-    activation_checkpointing: bool = False
+    activation_checkpointing: str | bool = False  # "full" (true) | "selective" | false (modules/recompute.py)
     seed: int = 42
     tp: int = 1
+    sequence_parallel: bool = False  # with tp > 1: norms, adds and dropout on a 1/tp shard of the rows
     # output
     output_dir: str = "runs/default"
     log_every: int = 10
@@ -116,6 +117,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"TrainConfig: model_overrides must be a mapping, got {self.model_overrides!r}")
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(f"TrainConfig: sequence_parallel must be true or false, got {self.sequence_parallel!r}")
+        from libra_model.modules.recompute import check_mode
+
+        check_mode(self.activation_checkpointing)
         if self.init_libra and self.init_llama:
             raise ValueError("TrainConfig: give init_libra or init_llama, not both")
 
@@ -254,10 +260,9 @@ def _build_model(cfg: TrainConfig, config: LibraConfig, parallel: ParallelState,
         model = LibraForCausalLM(config, backend=cfg.backend)
     if cfg.frozen_language:
         freeze_language_(model)
-    if cfg.activation_checkpointing:
-        model.activation_checkpointing_enable()
+    model.activation_checkpointing_enable(cfg.activation_checkpointing)
     model = model.to(device=parallel.device)
-    shard_model_(model, parallel.tp_group)
+    shard_model_(model, parallel.tp_group, sequence_parallel=cfg.sequence_parallel)
     master = None
     if dtype != torch.float32:
         # Compute-dtype parameters; MasterAdamW keeps float32 masters of the trainable ones.
