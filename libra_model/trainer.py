@@ -432,6 +432,11 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
                    f"{cfg.micro_batch_size} × {accum} accumulation × {parallel.dp} dp; dataset {cfg.dataset} "
                    f"({len(source):,} samples); MFU peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 
+    from libra_model.plan import GIB, format_plan, plan
+
+    memory_plan = plan(cfg, tp=parallel.tp, dp=parallel.dp, device_type=parallel.device.type)
+    _say(parallel, format_plan(memory_plan))
+
     def save(step: int) -> str:
         loaders = [None] * parallel.dp
         if parallel.dp > 1:
@@ -468,6 +473,10 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
         window_time += elapsed
         window_tokens += result.tokens
         window_flops += flops
+        if parallel.device.type == "cuda" and step == start_step + 2:
+            allocated = torch.cuda.max_memory_allocated(parallel.device)
+            _say(parallel, f"measured peak memory after 2 steps: {allocated / GIB:.2f} GiB allocated on rank 0 (plan "
+                           f"without the allowance: {(memory_plan.total - memory_plan.allowance) / GIB:.2f} GiB)")
         first_loss = result.loss if first_loss is None else first_loss
         last_loss = result.loss
         if step % cfg.log_every == 0 or step == start_step + 1 or step == cfg.max_steps:
