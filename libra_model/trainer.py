@@ -288,7 +288,14 @@ def _build_processor(cfg: TrainConfig, config: LibraConfig, parallel: ParallelSt
         # quantiser sized from the model config: enough to learn the shapes set, and to benchmark any model size.
         directory = os.path.join(cfg.output_dir, "processor")
         if parallel.is_main and not os.path.isfile(os.path.join(directory, "processor_config.json")):
-            build_tiny_processor_dir(directory, config, texts=ShapesCaptions.vocabulary_text(), seed=cfg.seed)
+            # Only rank 0 generates: keep its random state untouched, or its model weights would differ from the
+            # other ranks' (every rank must build the same full weights).
+            import random
+
+            python_state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                build_tiny_processor_dir(directory, config, texts=ShapesCaptions.vocabulary_text(), seed=cfg.seed)
+            random.setstate(python_state)
         parallel.barrier()
     return LibraProcessor.from_pretrained(directory, config, device=parallel.device, torch_dtype=torch.float32)
 

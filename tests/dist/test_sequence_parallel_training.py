@@ -1,6 +1,7 @@
 """The trainer at TP=2 on two gloo processes with sequence parallelism on and off: the same per-step losses and
 gradient norms (fp32 rounding: the norm weights' gradients are summed in another order); and the planner's state
-numbers at TP=2 equal the bytes of the tensors the trainer allocates on each rank."""
+numbers at TP=2 equal the bytes of the tensors the trainer allocates on each rank; a run that generates its processor
+builds the same weights on every rank."""
 
 import os
 import sys
@@ -35,6 +36,11 @@ def _runs(rank, world_size, processor, root):
         for a, b in zip(off, on):
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
             assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * abs(a["grad_norm"]), (a, b)
+    # A run that generates its processor (rank 0 only) still builds the same weights on both ranks: debug_checks
+    # compares every replicated parameter across the TP ranks after each step.
+    cfg = small_config(None, os.path.join(root, "generated"), tp=2, sequence_parallel=True, max_steps=1,
+                       debug_checks=True)
+    trainer.train(cfg, parallel)
     for precision, sp in (("bf16", True), ("fp32", False)):
         cfg = small_config(processor, os.path.join(root, "state"), tp=2, precision=precision, sequence_parallel=sp)
         allocated = trainer_state(cfg, parallel)
