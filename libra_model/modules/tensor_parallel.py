@@ -211,7 +211,15 @@ class SequenceShard:
         return torch.cat([full[t0:t1], full[self.n_text + v0:self.n_text + v1]])
 
     def _rows_in_blocks(self, device) -> torch.Tensor:
-        """int64 [T]: for each full row (sorted order), its row in the ``size`` padded blocks of the collectives."""
+        """int64 [T]: for each full row (sorted order), its row in the ``size`` padded blocks of the collectives
+        (built once per device: every collective of a forward uses the same shard)."""
+        cache = self.__dict__.setdefault("_rows_cache", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = self._build_rows_in_blocks().to(device)
+        return cache[key]
+
+    def _build_rows_in_blocks(self) -> torch.Tensor:
         block = self.text_chunk + self.vision_chunk
         rows = []
         for rank in range(self.size):
@@ -220,7 +228,7 @@ class SequenceShard:
             rows.append((torch.arange(t1 - t0) + rank * block, torch.arange(v1 - v0) + rank * block + self.text_chunk))
         text = torch.cat([r[0] for r in rows])
         vision = torch.cat([r[1] for r in rows])
-        return torch.cat([text, vision]).to(device)
+        return torch.cat([text, vision])
 
     def _pad(self, local: torch.Tensor) -> torch.Tensor:
         """This rank's block: the local rows at [0, local_text) and [text_chunk, text_chunk + local vision)."""
