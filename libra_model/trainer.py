@@ -439,9 +439,11 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
                    f"{cfg.micro_batch_size} × {accum} accumulation × {parallel.dp} dp; dataset {cfg.dataset} "
                    f"({len(source):,} samples); MFU peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 
-    from libra_model.plan import GIB, format_plan, plan
+    from libra_model.memory import GIB, format_plan, plan_memory
 
-    memory_plan = plan(cfg, tp=parallel.tp, dp=parallel.dp, device_type=parallel.device.type)
+    # The memory planner's view of this run (python -m libra_model.plan prints the same table).
+    memory_plan = plan_memory(cfg, config, tp=parallel.tp, dp=parallel.dp, device_type=parallel.device.type,
+                              freeze=freeze_language_)
     _say(parallel, format_plan(memory_plan))
 
     def save(step: int) -> str:
@@ -480,10 +482,11 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
         window_time += elapsed
         window_tokens += result.tokens
         window_flops += flops
-        if parallel.device.type == "cuda" and step == start_step + 2:
+        if parallel.device.type == "cuda" and step == min(start_step + 2, cfg.max_steps):
             allocated = torch.cuda.max_memory_allocated(parallel.device)
-            _say(parallel, f"measured peak memory after 2 steps: {allocated / GIB:.2f} GiB allocated on rank 0 (plan "
-                           f"without the allowance: {(memory_plan.total - memory_plan.allowance) / GIB:.2f} GiB)")
+            planned = (memory_plan.total - memory_plan.allowance) / GIB
+            _say(parallel, f"measured peak memory after {step - start_step} steps: {allocated / GIB:.2f} GiB allocated "
+                           f"on rank 0 (plan without the allowance: {planned:.2f} GiB)")
         first_loss = result.loss if first_loss is None else first_loss
         last_loss = result.loss
         if step % cfg.log_every == 0 or step == start_step + 1 or step == cfg.max_steps:

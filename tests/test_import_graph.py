@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("libra_kernels", "libra_model")
 # The trainer side of libra_model: the only modules that may import libra_model.parallel or the trainer.
 TRAINER_SIDE = ("libra_model.parallel", "libra_model.trainer", "libra_model.train_step", "libra_model.optim",
-                "libra_model.data")
+                "libra_model.data", "libra_model.plan")
 
 
 def _modules() -> dict[str, str]:
