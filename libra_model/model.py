@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from libra_kernels import ModalityLayout, discrete_token_cross_entropy, routed_rms_norm
 from libra_model import hf_checkpoint
@@ -25,8 +25,15 @@ from libra_model.modules.embedding import LibraEmbeddings
 from libra_model.modules.heads import vision_predictors_2d
 from libra_model.modules.layers import RMSNorm, check_backend, linear, op_backend
 from libra_model.modules.mlp import LibraMLP
+from libra_model.modules.recompute import check_mode, run_layer
 from libra_model.modules.rope import libra_1d_position_ids, libra_2d_position_ids, rotary_cos_sin
-from libra_model.modules.tensor_parallel import TPRule, tp_rule
+from libra_model.modules.tensor_parallel import (
+    SequenceShard,
+    TPRule,
+    gather_from_sequence_shard,
+    scatter_to_sequence_shard,
+    tp_rule,
+)
 
 IGNORE_INDEX = -100
 
@@ -76,12 +83,14 @@ class LibraDecoderLayer(nn.Module):
         self.mlp.pack_()
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """h: [T, hidden] residual stream in sorted order. Returns the updated [T, hidden]."""
-        n_text = ctx.layout.n_text
-        attn = self.self_attn(self._norm(h, n_text, self.input_layernorm, self.vision_input_layernorm), ctx)
+        """h: [T, hidden] residual stream in sorted order (under sequence parallelism the rows of
+        ``ctx.sequence_shard``). Returns the updated rows."""
+        n_text, shard = ctx.layout.n_text, ctx.sequence_shard
+        n_local = n_text if shard is None else shard.local_text  # the norms and the adds run on the local rows
+        attn = self.self_attn(self._norm(h, n_local, self.input_layernorm, self.vision_input_layernorm), ctx)
         # One pass adds the attention output to the residual stream and normalises the sum (h kept once).
-        x, h = self._norm(attn, n_text, self.post_attention_layernorm, self.vision_post_attention_layernorm, h)
-        return h + self.mlp(x, n_text)
+        x, h = self._norm(attn, n_local, self.post_attention_layernorm, self.vision_post_attention_layernorm, h)
+        return h + self.mlp(x, n_text, shard)
 
 
 class LibraModel(LibraEmbeddings):
@@ -94,23 +103,30 @@ class LibraModel(LibraEmbeddings):
         self.layers = nn.ModuleList(LibraDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.vision_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.activation_checkpointing = False
+        self.activation_checkpointing: str | bool = False  # "full" | "selective" | False (modules/recompute.py)
+        self.tp_group = None
         self.backend: str | dict = "auto"
 
     def forward(self, input_ids: torch.Tensor, layout: ModalityLayout, ctx: AttentionContext,
                 contiguous_signal: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids int64 [C, B, N]; contiguous_signal [B, N, cs] or None. Returns the final routed-normed hidden
-        states [T, hidden] in sorted order."""
+        states [T, hidden] in sorted order (all rows, also under sequence parallelism)."""
         h = self.embed(input_ids, layout, contiguous_signal)
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        shard = ctx.sequence_shard
+        n_local = layout.n_text
+        if shard is not None:
+            # Sequence parallelism: from here to the final norm each TP rank holds its shard of the rows.
+            h = scatter_to_sequence_shard(h, shard, self.tp_group)
+            n_local = shard.local_text
+        mode = self.activation_checkpointing if self.training and torch.is_grad_enabled() else False
         for layer in self.layers:
-            if recompute:
-                # Non-reentrant: works with inputs that do not require grad (frozen embeddings in stage 1).
-                h = checkpoint(layer, h, ctx, use_reentrant=False)
-            else:
-                h = layer(h, ctx)
-        return routed_rms_norm(h, layout.n_text, self.norm.weight, self.vision_norm.weight, self.config.rms_norm_eps,
-                               backend=op_backend(self.backend, "routed_rms_norm"))
+            h = run_layer(layer, h, ctx, mode)
+        h = routed_rms_norm(h, n_local, self.norm.weight, self.vision_norm.weight, self.config.rms_norm_eps,
+                            backend=op_backend(self.backend, "routed_rms_norm"))
+        if shard is not None:
+            # The loss reduces its input's gradient over TP itself: each rank's gradient is already the whole one.
+            h = gather_from_sequence_shard(h, shard, self.tp_group, grad_is_partial=False)
+        return h
 
 
 class LibraVisionHead(nn.Module):
@@ -149,6 +165,7 @@ class LibraForCausalLM(nn.Module):
             # Only "2d" reads it: frozen in "1d", so optimisers and DDP never see a parameter without a gradient.
             self.vision_hidden_placeholder.requires_grad_(False)
         self.lm_head_tp_group = None
+        self.sequence_parallel = False
         self.check_input_values = True
         self.set_backend(backend)
         self.init_weights()
@@ -168,10 +185,11 @@ class LibraForCausalLM(nn.Module):
         """The operator backend switch in use."""
         return self.model.backend
 
-    def activation_checkpointing_enable(self, enabled: bool = True) -> None:
-        """Activation checkpointing: recompute each decoder layer in backward (non-reentrant
-        torch.utils.checkpoint) instead of keeping its activations."""
-        self.model.activation_checkpointing = enabled
+    def activation_checkpointing_enable(self, enabled: str | bool = True) -> None:
+        """Activation checkpointing of the decoder layers: "full" (or True) recomputes each layer in backward,
+        "selective" only its cheap operations (the norms, adds, RoPE, copies; GEMM and attention outputs are kept),
+        False keeps everything (``libra_model.modules.recompute``)."""
+        self.model.activation_checkpointing = check_mode(enabled)
 
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         """HF's name for :meth:`activation_checkpointing_enable`."""
@@ -179,20 +197,31 @@ class LibraForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------ tensor parallelism
     @staticmethod
-    def tensor_parallel_rule(name: str) -> TPRule:
+    def tensor_parallel_rule(name: str, sequence_parallel: bool = False) -> TPRule:
         """How the parameter called ``name`` (its full dotted name) is placed over a TP group: the model's sharding
-        plan (``libra_model.modules.tensor_parallel.TP_RULES``). Raises ValueError for a parameter of an
-        attention or MLP block that the plan does not cover."""
-        return tp_rule(name)
+        plan (``libra_model.modules.tensor_parallel.TP_RULES``; with ``sequence_parallel`` the residual stream's
+        norm weights get TP-partial gradients). Raises ValueError for a parameter of an attention or MLP block
+        that the plan does not cover."""
+        return tp_rule(name, sequence_parallel)
 
-    def set_tensor_parallel_group(self, group) -> None:
+    def set_tensor_parallel_group(self, group, sequence_parallel: bool = False) -> None:
         """Run the attention and MLP blocks as TP blocks over ``group`` and use a vocab-parallel text head (the
-        loss's ``process_group``); None = no tensor parallelism. The weights must already be this rank's shards
+        loss's ``process_group``); None = no tensor parallelism. ``sequence_parallel``: between the blocks each
+        rank keeps only its shard of the rows (training and full forwards; decoding with a cache keeps all rows);
+        its norm weights then hold TP-partial gradients. The weights must already be this rank's shards
         (``libra_model.parallel.tp_plan.shard_model_`` does both)."""
         for module in self.modules():
             if hasattr(module, "tp_group"):
                 module.tp_group = group
         self.lm_head_tp_group = group
+        self.sequence_parallel = bool(sequence_parallel) and group is not None and dist.get_world_size(group) > 1
+
+    def sequence_shard(self, layout: ModalityLayout) -> SequenceShard | None:
+        """This rank's :class:`SequenceShard` of ``layout``'s rows under sequence parallelism, else None."""
+        if not self.sequence_parallel:
+            return None
+        group = self.lm_head_tp_group
+        return SequenceShard(layout.n_text, layout.n_vision, dist.get_world_size(group), dist.get_rank(group))
 
     def pack_projections_(self) -> LibraForCausalLM:
         """Pack, in every layer, the weights that then run as one GEMM per modality: attention's q/k/v text weights
@@ -311,7 +340,7 @@ class LibraForCausalLM(nn.Module):
             padding = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
             vision_all, padding_all = cache.begin(layout.vision_mask, padding)
             return AttentionContext(layout, cos, sin, vision_all, padding_all, cache)
-        return AttentionContext(layout, cos, sin, layout.vision_mask, mask, None)
+        return AttentionContext(layout, cos, sin, layout.vision_mask, mask, None, self.sequence_shard(layout))
 
     # ------------------------------------------------------------------------------------------ heads
     def _text_head_weight(self, width: int) -> torch.Tensor:
@@ -380,8 +409,6 @@ class LibraForCausalLM(nn.Module):
         logits = F.linear(h[..., :self.lm_head.weight.shape[1]], self.lm_head.weight)
         group = self.lm_head_tp_group
         if group is not None:
-            import torch.distributed as dist
-
             if dist.get_world_size(group) > 1:
                 # A vocab-parallel head holds a slice of the vocabulary: gather the slices (inference only).
                 parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]

@@ -78,11 +78,12 @@ class TrainConfig:
     z_loss_weight: float = 0.0
     frozen_language: bool = False  # stage 1: only parameters named "*vision*" train (LIBRA.md §1.4)
     precision: str = "auto"  # "auto" = bf16 compute on CUDA, fp32 on the CPU; master weights are always fp32
-    activation_checkpointing: bool = False
+    activation_checkpointing: str | bool = False  # "full" (true) | "selective" | false (modules/recompute.py)
     seed: int = 42
     tp: int = 1
     distributed_optimizer: bool | None = None  # shard masters + AdamW moments over DP (ZeRO-1); None: when dp > 1
     grad_reduce_dtype: str = "fp32"  # dtype of the DP gradient reduction: "fp32" | "bf16" (distributed optimizer)
+    sequence_parallel: bool = False  # with tp > 1: norms, adds and dropout on a 1/tp shard of the rows
     # output
     output_dir: str = "runs/default"
     log_every: int = 10
@@ -138,8 +139,17 @@ class TrainConfig:
         if self.grad_reduce_dtype != "fp32" and self.distributed_optimizer is False:
             raise ValueError("TrainConfig: grad_reduce_dtype=bf16 needs the distributed optimizer "
                              "(set distributed_optimizer=true or leave it null)")
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(f"TrainConfig: sequence_parallel must be true or false, got {self.sequence_parallel!r}")
+        from libra_model.modules.recompute import check_mode
+
+        check_mode(self.activation_checkpointing)
         if self.init_libra and self.init_llama:
             raise ValueError("TrainConfig: give init_libra or init_llama, not both")
+
+    def uses_distributed_optimizer(self, dp: int) -> bool:
+        """Whether a run with ``dp`` data-parallel replicas shards its optimizer state (null: when dp > 1)."""
+        return dp > 1 if self.distributed_optimizer is None else bool(self.distributed_optimizer) and dp > 1
 
     @classmethod
     def from_sources(cls, path: str | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -276,10 +286,9 @@ def _build_model(cfg: TrainConfig, config: LibraConfig, parallel: ParallelState,
         model = LibraForCausalLM(config, backend=cfg.backend)
     if cfg.frozen_language:
         freeze_language_(model)
-    if cfg.activation_checkpointing:
-        model.activation_checkpointing_enable()
+    model.activation_checkpointing_enable(cfg.activation_checkpointing)
     model = model.to(device=parallel.device)
-    shard_model_(model, parallel.tp_group)
+    shard_model_(model, parallel.tp_group, sequence_parallel=cfg.sequence_parallel)
     master = None
     if dtype != torch.float32:
         # Compute-dtype parameters; MasterAdamW keeps float32 masters of the trainable ones.
@@ -426,7 +435,7 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
         model.check_input_values = cfg.debug_checks
     adamw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                  initial_masters=initial_masters)
-    distributed_optimizer = parallel.dp > 1 if cfg.distributed_optimizer is None else cfg.distributed_optimizer
+    distributed_optimizer = cfg.uses_distributed_optimizer(parallel.dp)
     if cfg.grad_reduce_dtype != "fp32" and not distributed_optimizer:
         raise ValueError(f"TrainConfig: grad_reduce_dtype={cfg.grad_reduce_dtype} needs the distributed optimizer, "
                          f"which is off at dp={parallel.dp} (set distributed_optimizer=true)")
@@ -479,6 +488,13 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
                    f"{cfg.micro_batch_size} × {accum} accumulation × {parallel.dp} dp; dataset {cfg.dataset} "
                    f"({len(source):,} samples); MFU peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 
+    from libra_model.memory import GIB, format_plan, plan_memory
+
+    # The memory planner's view of this run (python -m libra_model.plan prints the same table).
+    memory_plan = plan_memory(cfg, config, tp=parallel.tp, dp=parallel.dp, device_type=parallel.device.type,
+                              freeze=freeze_language_)
+    _say(parallel, format_plan(memory_plan))
+
     def save(step: int) -> str:
         loaders = [None] * parallel.dp
         if parallel.dp > 1:
@@ -525,6 +541,11 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
         window_time += elapsed
         window_tokens += result.tokens
         window_flops += flops
+        if parallel.device.type == "cuda" and step == min(start_step + 2, cfg.max_steps):
+            allocated = torch.cuda.max_memory_allocated(parallel.device)
+            planned = (memory_plan.total - memory_plan.allowance) / GIB
+            _say(parallel, f"measured peak memory after {step - start_step} steps: {allocated / GIB:.2f} GiB allocated "
+                           f"on rank 0 (plan without the allowance: {planned:.2f} GiB)")
         first_loss = result.loss if first_loss is None else first_loss
         last_loss = result.loss
         if step % cfg.log_every == 0 or step == start_step + 1 or step == cfg.max_steps:

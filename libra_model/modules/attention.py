@@ -6,8 +6,10 @@ The q/k/v maps and the bridges' A factors run as one ``routed_projections`` (one
 :meth:`LibraAttention.pack_` has packed their weights); RoPE of q, k and the key bridge term is one ``rotary``.
 
 Tensor parallelism: the block calls "f" (``copy_to_tp_region``) on its replicated normed input once, before any
-projection, and "g" (``reduce_from_tp_region``) on the output of the o projection. Head counts are read from the
-(possibly sharded) weight shapes at run time, so a TP layer only has to hand it sharded weights.
+projection, and "g" (``reduce_from_tp_region``) on the output of the o projection; under sequence parallelism
+(``ctx.sequence_shard``) an all-gather of the shard's rows and a reduce-scatter back to them take their places.
+Head counts are read from the (possibly sharded) weight shapes at run time, so a TP layer only has to hand it
+sharded weights.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from libra_kernels import ModalityLayout, bridge_attention, pack_rows, rotary, r
 from libra_model.config import LibraConfig
 from libra_model.modules.cache import BridgeKVCache, StaticBridgeKVCache
 from libra_model.modules.layers import LibraLinear, linear, op_backend, routed_dropout
-from libra_model.modules.tensor_parallel import copy_to_tp_region, reduce_from_tp_region
+from libra_model.modules.tensor_parallel import SequenceShard, enter_tp_region, exit_tp_region
 
 
 @dataclass
@@ -33,6 +35,8 @@ class AttentionContext:
     vision_mask: bool [B, L] over all keys (L = cached + N). key_padding_mask: bool [B, L] or None.
     cache: the bridge KV cache, the static text cache or None. decode_slot: int64 [] (on the device) on a text
     decoding step with the static cache: the slot the new tokens (all text, one per row) are written to.
+    sequence_shard: this TP rank's rows of the residual stream under sequence parallelism, or None (every rank holds
+    all rows).
     """
 
     layout: ModalityLayout
@@ -42,6 +46,7 @@ class AttentionContext:
     key_padding_mask: torch.Tensor | None
     cache: BridgeKVCache | StaticBridgeKVCache | None = None
     decode_slot: torch.Tensor | None = None
+    sequence_shard: SequenceShard | None = None
 
 
 class LibraAttention(nn.Module):
@@ -111,11 +116,13 @@ class LibraAttention(nn.Module):
                              backend=op_backend(self.backend, "routed_linear"))
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """x: [T, hidden] normed hidden states in sorted order (model dtype). Returns [T, hidden] in sorted order
-        (the partial sums of this rank's heads all-reduced when ``tp_group`` is set)."""
+        """x: [T, hidden] normed hidden states in sorted order (model dtype); under sequence parallelism only the
+        rows of ``ctx.sequence_shard``. Returns the same rows, sorted (the partial sums of this rank's heads
+        all-reduced, or reduce-scattered to the shard, when ``tp_group`` is set)."""
         layout, n_text = ctx.layout, ctx.layout.n_text
         batch, length = layout.shape
-        x = copy_to_tp_region(x, self.tp_group)
+        shard = ctx.sequence_shard
+        x = enter_tp_region(x, self.tp_group, shard)
         w_text, w_a, w_b = self._input_maps()
         outputs = routed_projections(x, n_text, w_text, w_a, w_b,
                                      backend=op_backend(self.backend, "routed_projections")) if w_text else []
@@ -159,5 +166,6 @@ class LibraAttention(nn.Module):
         else:
             out = routed_linear(out, n_text, self.o_proj.weight, self.vision_o_proj.weight_A,
                                 self.vision_o_proj.weight_B, backend=op_backend(self.backend, "routed_linear"))
-        out = reduce_from_tp_region(out, self.tp_group)
-        return routed_dropout(out, n_text, self.config.resid_pdrop, self.config.vision_resid_pdrop, self.training)
+        out = exit_tp_region(out, self.tp_group, shard)
+        n_out = n_text if shard is None else shard.local_text
+        return routed_dropout(out, n_out, self.config.resid_pdrop, self.config.vision_resid_pdrop, self.training)

@@ -5,7 +5,8 @@ Two operators: ``routed_projections`` gives gate and up (one GEMM per modality o
 packed their weights), ``routed_swiglu`` the product and the down projection, keeping only gate and up for
 backward (the product is recomputed there).
 
-Tensor parallelism: "f" on the replicated normed input, "g" on the output of the down projection; the local
+Tensor parallelism: "f" on the replicated normed input, "g" on the output of the down projection (under sequence
+parallelism the all-gather of the shard's rows and the reduce-scatter back to them); the local
 intermediate width follows from the (possibly sharded) weight shapes.
 """
 
@@ -17,7 +18,7 @@ from torch import nn
 from libra_kernels import pack_rows, routed_projections, routed_swiglu
 from libra_model.config import LibraConfig
 from libra_model.modules.layers import LibraLinear, linear, op_backend, routed_dropout
-from libra_model.modules.tensor_parallel import copy_to_tp_region, reduce_from_tp_region
+from libra_model.modules.tensor_parallel import SequenceShard, enter_tp_region, exit_tp_region
 
 
 class LibraMLP(nn.Module):
@@ -42,9 +43,10 @@ class LibraMLP(nn.Module):
         pack_rows([self.gate_proj.weight, self.up_proj.weight])
         pack_rows([self.vision_gate_proj.weight_A, self.vision_up_proj.weight_A])
 
-    def forward(self, x: torch.Tensor, n_text: int) -> torch.Tensor:
-        """x: [T, hidden] normed, sorted (rows [0, n_text) text). Returns [T, hidden] sorted."""
-        x = copy_to_tp_region(x, self.tp_group)
+    def forward(self, x: torch.Tensor, n_text: int, shard: SequenceShard | None = None) -> torch.Tensor:
+        """x: [T, hidden] normed, sorted (rows [0, n_text) text), or under sequence parallelism only the rows of
+        ``shard`` (``n_text`` still counts the text rows of all T). Returns the same rows, sorted."""
+        x = enter_tp_region(x, self.tp_group, shard)
         gate, up = routed_projections(x, n_text, [self.gate_proj.weight, self.up_proj.weight],
                                       [self.vision_gate_proj.weight_A, self.vision_up_proj.weight_A],
                                       [self.vision_gate_proj.weight_B, self.vision_up_proj.weight_B],
@@ -52,5 +54,6 @@ class LibraMLP(nn.Module):
         down, expert = self.down_proj, self.vision_down_proj
         out = routed_swiglu(gate, up, n_text, down.weight, expert.weight_A, expert.weight_B,
                             backend=op_backend(self.backend, "routed_swiglu"))
-        out = reduce_from_tp_region(out, self.tp_group)
-        return routed_dropout(out, n_text, self.config.resid_pdrop, self.config.vision_resid_pdrop, self.training)
+        out = exit_tp_region(out, self.tp_group, shard)
+        n_out = n_text if shard is None else shard.local_text
+        return routed_dropout(out, n_out, self.config.resid_pdrop, self.config.vision_resid_pdrop, self.training)

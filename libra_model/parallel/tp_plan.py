@@ -16,10 +16,12 @@ from libra_kernels.distributed import all_gather_flat
 from libra_model.modules.tensor_parallel import REPLICATED, TPRule, tp_world_size
 
 
-def _rule(model: nn.Module, name: str) -> TPRule:
+def _rule(model: nn.Module, name: str, sequence_parallel: bool = False) -> TPRule:
     """The model's rule for parameter ``name``; models without a plan replicate everything."""
     rule_of = getattr(model, "tensor_parallel_rule", None)
-    return REPLICATED if rule_of is None else rule_of(name)
+    if rule_of is None:
+        return REPLICATED
+    return rule_of(name, sequence_parallel=True) if sequence_parallel else rule_of(name)
 
 
 def _check_divisible(name: str, param: torch.Tensor, rule: TPRule, tp: int, config) -> None:
@@ -38,15 +40,16 @@ def _tp_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def shard_model_(model: nn.Module, tp_group) -> nn.Module:
+def shard_model_(model: nn.Module, tp_group, sequence_parallel: bool = False) -> nn.Module:
     """Slice the already-built full model's weights in place to this rank's TP shards (docs/parallel.md).
 
     Every rank must have built the same full weights (same seed or same checkpoint). Sharded parameters are
     replaced by new ``nn.Parameter`` objects holding a contiguous copy of the local slice (``requires_grad`` kept),
     so create optimizers after this call. Hands the group to the model (``model.set_tensor_parallel_group``: its
     attention and MLP blocks and its vocab-parallel text head) and sets the tags ``_tp_shard_dim`` /
-    ``_tp_partial_grad`` on every parameter. With ``tp_group`` None or of size 1 only the tags are set. Returns
-    ``model``.
+    ``_tp_partial_grad`` on every parameter. ``sequence_parallel`` (TP > 1 only) makes the model keep a 1/tp shard
+    of the rows between its blocks, and tags the norm weights that then see only their shard as TP-partial. With
+    ``tp_group`` None or of size 1 only the tags are set. Returns ``model``.
     """
     tp = tp_world_size(tp_group)
     rank = _tp_rank(tp_group)
@@ -57,7 +60,7 @@ def shard_model_(model: nn.Module, tp_group) -> nn.Module:
     for module_name, module in model.named_modules():
         for local_name, param in list(module.named_parameters(recurse=False)):
             name = f"{module_name}.{local_name}" if module_name else local_name
-            rule = _rule(model, name)
+            rule = _rule(model, name, sequence_parallel and tp > 1)
             if rule.shard_dim is not None and tp > 1:
                 _check_divisible(name, param, rule, tp, config)
                 shard = param.detach().chunk(tp, dim=rule.shard_dim)[rank].clone(memory_format=torch.contiguous_format)
@@ -67,7 +70,10 @@ def shard_model_(model: nn.Module, tp_group) -> nn.Module:
             param._tp_shard_dim = rule.shard_dim if tp > 1 else None
             param._tp_partial_grad = rule.partial_grad and tp > 1
     if hasattr(model, "set_tensor_parallel_group"):
-        model.set_tensor_parallel_group(tp_group if tp > 1 else None)
+        if sequence_parallel and tp > 1:
+            model.set_tensor_parallel_group(tp_group, sequence_parallel=True)
+        else:
+            model.set_tensor_parallel_group(tp_group if tp > 1 else None)
     return model
 
 
