@@ -1,6 +1,6 @@
-"""AdamW with float32 master weights and float32 gradient buffers, and the warm-up + cosine schedule (LIBRA.md §8.1,
-§10: betas (0.9, 0.99), eps 1e-8, weight decay 0.01 not on norm weights or biases, linear warm-up then cosine
-decay to 0).
+"""AdamW with float32 master weights and float32 gradient buffers, and the warm-up + cosine schedule of the
+paper's Table 4 (docs/parallel.md, "The trainer and its settings"): betas (0.9, 0.99), eps 1e-8, weight decay 0.01
+not on norm weights or biases, linear warm-up then cosine decay to 0).
 
 The model's parameters may be bfloat16 (the compute dtype); each trainable one then gets a float32 master copy
 that AdamW updates and that is copied back after every step. Gradients of every micro-batch are added, in float32,

@@ -1,4 +1,5 @@
-"""Gradient synchronisation, norm and clipping under TP × DP (PARALLEL.md §1(c), (h)).
+"""Gradient synchronisation, norm and clipping under TP × DP (docs/parallel.md, "Gradient reduction,
+clipping, the optimizer step").
 
 Order per optimizer step: backward of every micro-batch (gradients accumulate in float32 buffers) → one SUM
 all-reduce over the combined DP×TP group of the TP-partial gradients (``p._tp_partial_grad``) → one SUM all-reduce
