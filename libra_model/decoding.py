@@ -164,7 +164,7 @@ def text_decode_step(model, cache: StaticBridgeKVCache, tokens: torch.Tensor, po
     cos = cache.rope_cos.index_select(0, positions)[:, None, None]
     sin = cache.rope_sin.index_select(0, positions)[:, None, None]
     cache.open_slot(slot)
-    ctx = AttentionContext(layout, cos, sin, layout.vision_mask, None, cache, slot)
+    ctx = AttentionContext(layout, cos, sin, layout.vision_mask, None, cache, decode_slot=slot)
     ids = tokens.view(1, batch, 1).expand(config.vision_codebook_num, batch, 1)
     hidden = model.model(ids, layout, ctx)
     return model._text_logits(hidden).float()

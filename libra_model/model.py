@@ -340,7 +340,8 @@ class LibraForCausalLM(nn.Module):
             padding = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
             vision_all, padding_all = cache.begin(layout.vision_mask, padding)
             return AttentionContext(layout, cos, sin, vision_all, padding_all, cache)
-        return AttentionContext(layout, cos, sin, layout.vision_mask, mask, None, self.sequence_shard(layout))
+        return AttentionContext(layout, cos, sin, layout.vision_mask, mask, None,
+                                sequence_shard=self.sequence_shard(layout))
 
     # ------------------------------------------------------------------------------------------ heads
     def _text_head_weight(self, width: int) -> torch.Tensor:
