@@ -523,11 +523,6 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
             consecutive_skips += 1
             _say(parallel, f"step {step}: non-finite loss ({result.loss}) or gradient norm ({result.grad_norm}): "
                            f"update skipped ({consecutive_skips} in a row)")
-            if consecutive_skips >= cfg.max_skipped_updates:
-                raise RuntimeError(f"train: {consecutive_skips} consecutive steps up to step {step} had a non-finite "
-                                   f"loss or gradient norm (max_skipped_updates={cfg.max_skipped_updates}); the last "
-                                   f"good checkpoint is {last_checkpoint or 'none (nothing saved yet)'}. Check the "
-                                   "data and the learning rate, then resume from it")
         else:
             consecutive_skips = 0
         first_loss = result.loss if first_loss is None else first_loss
@@ -547,6 +542,11 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
                            f"{1000 * window_time / steps_in_window:.0f} ms/step"
                            + (" | non-finite gradient: update skipped" if result.skipped else ""))
             window_time, window_tokens, window_flops = 0.0, 0, 0.0
+        if consecutive_skips >= cfg.max_skipped_updates:
+            raise RuntimeError(f"train: {consecutive_skips} consecutive steps up to step {step} had a non-finite loss "
+                               f"or gradient norm (max_skipped_updates={cfg.max_skipped_updates}); the last good "
+                               f"checkpoint is {last_checkpoint or 'none (nothing saved yet)'}. Check the data and "
+                               "the learning rate, then resume from it")
         if cfg.debug_checks:
             _debug_replicated(model, parallel)
         if step % cfg.save_every == 0 and step != cfg.max_steps:
