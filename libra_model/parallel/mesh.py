@@ -85,6 +85,9 @@ def init_parallel(tp: int = 1, *, device: str | torch.device | None = None, back
     """
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"init_parallel: tp must be a positive int, got {tp!r}")
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not 0 < timeout_s < math.inf):
+        raise ValueError(f"init_parallel: timeout_s must be a positive number of seconds, got {timeout_s!r}")
     world_size = dist.get_world_size() if dist.is_initialized() else _env_int("WORLD_SIZE", 1)
     if world_size % tp:
         raise ValueError(f"init_parallel: tp={tp} must divide the world size {world_size} "
@@ -105,9 +108,6 @@ def init_parallel(tp: int = 1, *, device: str | torch.device | None = None, back
         # Several ranks on one CPU: split the cores, since oversubscribed OpenMP threads spin and stall each other.
         local = _env_int("LOCAL_WORLD_SIZE", world_size)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
-                                  or not 0 < timeout_s < math.inf):
-        raise ValueError(f"init_parallel: timeout_s must be a positive number of seconds, got {timeout_s!r}")
     timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         kwargs = {} if timeout is None else {"timeout": timeout}
