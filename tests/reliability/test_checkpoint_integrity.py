@@ -88,13 +88,22 @@ def test_every_kind_of_damage_is_named_and_the_previous_checkpoint_is_chosen(run
     assert found == problems
 
 
-def test_unreadable_file_is_reported(run_copy):
-    if os.geteuid() == 0:
-        pytest.skip("root reads files whatever their mode")
+def test_unreadable_file_is_reported(run_copy, monkeypatch):
+    import builtins
+
     target = _data_file(_step_dir(run_copy, 6))
-    os.chmod(target, 0)
+    real_open = builtins.open
+
+    def refusing_open(path, *args, **kwargs):
+        if os.fspath(path) == target:
+            raise PermissionError(13, "Permission denied", target)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)  # as a file of another user without read permission
     (problem,) = ckpt.verify_checkpoint(_step_dir(run_copy, 6))
-    assert target in problem and "unreadable" in problem
+    assert target in problem and "unreadable (Permission denied)" in problem
+    path, _ = ckpt.find_resume_checkpoint(os.path.join(run_copy, "checkpoints"))
+    assert path == _step_dir(run_copy, 4)
 
 
 def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(processor_dir, finished_run, run_copy, capsys):

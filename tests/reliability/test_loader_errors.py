@@ -116,3 +116,38 @@ def test_damaged_checksum_record_is_reported(saved, tmp_path):
         handle.write('{"files": {')
     with pytest.raises(CheckpointError, match=rf"{path}: the checksum record is not valid JSON"):
         LibraForCausalLM.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero"])
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_damaged_vision_tokenizer_checkpoint_names_the_file(tmp_path, damage, suffix):
+    from safetensors.torch import save_file
+
+    from libra_model.image_tokenizer import read_vision_tokenizer_checkpoint
+
+    path = str(tmp_path / f"vision_tokenizer{suffix}")
+    state = {"quantize.embedding.weight": torch.randn(8, 4)}
+    if suffix == ".ckpt":
+        torch.save({"state_dict": state}, path)
+    else:
+        save_file(state, path)
+    assert torch.equal(read_vision_tokenizer_checkpoint(path)["quantize.embedding.weight"],
+                       state["quantize.embedding.weight"])
+    data = open(path, "rb").read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2] if damage == "truncate" else b"")
+    with pytest.raises(ValueError, match=rf"{path} cannot be read \(\d+ bytes; .*truncated or damaged"):
+        read_vision_tokenizer_checkpoint(path)
+
+
+def test_invalid_processor_config_names_the_file(processor_dir, tmp_path):
+    import shutil
+
+    from libra_model.processor import PROCESSOR_CONFIG_NAME, LibraProcessor
+
+    directory = tmp_path / "processor"
+    shutil.copytree(processor_dir, directory)
+    path = directory / PROCESSOR_CONFIG_NAME
+    path.write_text('{"clip": "clip", ')
+    with pytest.raises(ValueError, match=rf"{path} is not valid JSON"):
+        LibraProcessor.from_pretrained(str(directory))
