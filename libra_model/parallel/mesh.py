@@ -111,7 +111,12 @@ def init_parallel(tp: int = 1, *, device: str | torch.device | None = None, back
     timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         kwargs = {} if timeout is None else {"timeout": timeout}
-        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), **kwargs)
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        if backend == "nccl":
+            # The watchdog aborts the communicator and the process when a collective exceeds the timeout (rather
+            # than leaving the rank blocked in a kernel), so torchrun sees the failure and ends the job.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(backend, **kwargs)
     from torch.distributed.device_mesh import init_device_mesh
 
     dp = world_size // tp
