@@ -30,14 +30,20 @@ def main(argv=None) -> int:
                         help="collective timeout (dist_timeout_s, default 600): a stalled rank ends the job")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other setting")
     args = parser.parse_args(argv)
-    overrides = parse_set(args.set)
+    try:
+        overrides = parse_set(args.set)
+    except ValueError as error:
+        parser.error(str(error))
     for flag, key in (("output_dir", "output_dir"), ("max_steps", "max_steps"), ("tp", "tp"),
                       ("dist_timeout", "dist_timeout_s")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     if args.resume:
         overrides["resume"] = True
-    config = TrainConfig.from_sources(args.config, overrides)
+    try:
+        config = TrainConfig.from_sources(args.config, overrides)
+    except ValueError as error:
+        parser.error(str(error))  # a bad setting: its message and the usage, exit status 2, no traceback
     try:
         train(config)
     except Exception as error:

@@ -57,3 +57,21 @@ def test_save_checkpoint_refuses_a_bad_keep_last(tmp_path):
     for keep_last in (-1, 0):
         with pytest.raises(ValueError, match="keep_last must be an int >= 1 or None"):
             ckpt.save_checkpoint(str(tmp_path), 1, None, None, ParallelState(), {}, keep_last=keep_last)
+
+
+def test_train_py_reports_a_bad_setting_without_a_traceback(capsys):
+    import importlib.util
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    spec = importlib.util.spec_from_file_location("train_cli_validation", os.path.join(root, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.train = lambda config: pytest.fail("train must not start with a bad setting")
+    for argv, message in ((["--set", "keep_last=-1"], "keep_last must be a positive int or null"),
+                          (["--dist-timeout", "0"], "dist_timeout_s must be in (0.0, inf]"),
+                          (["--set", "lr"], "--set expects key=value")):
+        with pytest.raises(SystemExit) as caught:
+            module.main(argv)
+        assert caught.value.code == 2
+        assert message in capsys.readouterr().err
