@@ -148,36 +148,47 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def verify_checkpoint(path: str) -> list[str]:
+def verify_checkpoint(path: str, share: tuple[int, int] = (0, 1)) -> list[str]:
     """Problems of the checkpoint at ``path``, one message per bad file (empty when it verifies): unreadable
-    metadata, a file missing, truncated or changed since the save (the CRC-32 record of ``train_meta.json``)."""
+    metadata, a file missing, truncated or changed since the save (the CRC-32 record of ``train_meta.json``).
+    ``share`` = (i, n) checks only every n-th file from the i-th (so n ranks can split the reading); the metadata
+    is checked by share 0."""
+    index, count = share
     try:
         meta = read_meta(path)
     except CheckpointError as error:
-        return [str(error)]
-    if "files" not in meta:
-        return [f"{os.path.join(path, META_NAME)}: no checksum record (written without one): cannot be verified"]
-    problems = verify_files(path, meta["files"])
-    if ".metadata" not in meta["files"]:
+        return [str(error)] if index == 0 else []
+    if "files" not in meta or not isinstance(meta["files"], dict):
+        return [f"{os.path.join(path, META_NAME)}: no checksum record (written without one): cannot be verified"] \
+            if index == 0 else []
+    names = sorted(meta["files"])
+    problems = verify_files(path, {name: meta["files"][name] for name in names[index::count]})
+    if ".metadata" not in meta["files"] and index == 0:
         problems.append(f"{path}: the checksum record lacks the DCP .metadata file")
     return problems
 
 
 def find_resume_checkpoint(root: str, parallel=None) -> tuple[str | None, list[str]]:
     """The newest checkpoint under ``root`` that verifies (:func:`verify_checkpoint`), newest first, and the
-    problems of each newer one skipped. Rank 0 reads the files, every rank gets its answer (a collective when
-    ``parallel`` is distributed). Returns (path or None, problems)."""
-    answer = [None, []]
-    if parallel is None or parallel.is_main:
-        for path in reversed(list_checkpoints(root)):
-            problems = verify_checkpoint(path)
-            if not problems:
-                answer[0] = path
-                break
-            answer[1].extend(problems)
-    if parallel is not None and parallel.distributed:
-        dist.broadcast_object_list(answer, src=0)
-    return answer[0], answer[1]
+    problems of each newer one rejected: (path or None, problems). With a distributed ``parallel`` it is a
+    collective: the ranks split the files of each checkpoint between them (the checkpoint directory is shared, as
+    DCP requires) and every rank gets the same answer."""
+    distributed = parallel is not None and parallel.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    candidates = [list_checkpoints(root) if rank == 0 else None]
+    if distributed:
+        dist.broadcast_object_list(candidates, src=0)
+    rejected: list[str] = []
+    for path in reversed(candidates[0]):
+        problems = verify_checkpoint(path, (rank, world))
+        if distributed:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, problems)
+            problems = [problem for part in gathered for problem in part]
+        if not problems:
+            return path, rejected
+        rejected.extend(sorted(problems))
+    return None, rejected
 
 
 def _config_dict(model) -> dict:

@@ -85,7 +85,7 @@ def test_every_kind_of_damage_is_named_and_the_previous_checkpoint_is_chosen(run
     assert problems and all(target in p for p in problems), problems
     path, found = ckpt.find_resume_checkpoint(os.path.join(run_copy, "checkpoints"))
     assert path == _step_dir(run_copy, 4)
-    assert found == problems
+    assert found == sorted(problems)
 
 
 def test_unreadable_file_is_reported(run_copy, monkeypatch):
@@ -149,3 +149,66 @@ def test_checkpoint_without_a_record_is_not_trusted(run_copy):
         json.dump(meta, handle)
     (problem,) = ckpt.verify_checkpoint(six)
     assert meta_path in problem and "no checksum record" in problem
+
+
+def _fake_checkpoint(root, step, files):
+    directory = os.path.join(root, ckpt.step_dir_name(step))
+    os.makedirs(directory)
+    for name, data in files.items():
+        with open(os.path.join(directory, name), "wb") as handle:
+            handle.write(data)
+    record = checksum_files(directory)
+    with open(os.path.join(directory, ckpt.META_NAME), "w", encoding="utf-8") as handle:
+        json.dump({"step": step, "files": record}, handle)
+    return directory
+
+
+def test_shares_split_the_files_and_cover_them_all(tmp_path):
+    files = {".metadata": b"m", **{f"__{i}_0.distcp": os.urandom(100 + i) for i in range(5)}}
+    directory = _fake_checkpoint(str(tmp_path), 1, files)
+    for name in files:
+        _flip_middle(os.path.join(directory, name), 1)
+    full = ckpt.verify_checkpoint(directory)
+    assert len(full) == 6
+    parts = [ckpt.verify_checkpoint(directory, (i, 3)) for i in range(3)]
+    assert sorted(p for part in parts for p in part) == sorted(full) and all(len(part) == 2 for part in parts)
+
+
+WORKER = """
+import json, os, sys
+from libra_model.parallel import dcp_checkpoint as ckpt
+from libra_model.parallel.mesh import init_parallel
+
+parallel = init_parallel(1, timeout_s=60)
+print(json.dumps(ckpt.find_resume_checkpoint(sys.argv[1], parallel)), flush=True)
+"""
+
+
+def test_ranks_split_the_reading_and_agree(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "checkpoints")
+    files = {".metadata": b"m", **{f"__{i}_0.distcp": os.urandom(1000) for i in range(4)}}
+    older = _fake_checkpoint(root, 2, files)
+    newer = _fake_checkpoint(root, 4, files)
+    for name in ("__1_0.distcp", "__2_0.distcp"):  # one file for each rank's share
+        _flip_middle(os.path.join(newer, name), 4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, root], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                                       PYTHONPATH=repo)) for r in range(2)]
+    answers = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        answers.append(json.loads(out.strip().splitlines()[-1]))
+    assert answers[0] == answers[1]
+    path, problems = answers[0]
+    assert path == older
+    assert [os.path.basename(p.split(":")[0]) for p in problems] == ["__1_0.distcp", "__2_0.distcp"]
