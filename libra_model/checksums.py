@@ -24,13 +24,19 @@ def file_checksum(path: str) -> str:
     return f"{value & 0xFFFFFFFF:08x}"
 
 
+def checksum_names(directory: str) -> list[str]:
+    """Every file under ``directory``, recursively, as "/"-separated paths relative to it, sorted."""
+    names = []
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            names.append(os.path.relpath(os.path.join(parent, name), directory).replace(os.sep, "/"))
+    return sorted(names)
+
+
 def checksum_files(directory: str, names: list[str] | None = None) -> dict:
     """The record of ``names`` (paths relative to ``directory``; None: every file under it, recursively)."""
     if names is None:
-        names = []
-        for parent, _, files in os.walk(directory):
-            for name in files:
-                names.append(os.path.relpath(os.path.join(parent, name), directory).replace(os.sep, "/"))
+        names = checksum_names(directory)
     record = {}
     for name in sorted(names):
         path = os.path.join(directory, name)

@@ -104,8 +104,9 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"TrainConfig: {name} must be a finite number{' or null' if optional else ''}, "
                                  f"got {value!r}")
-            if low is not None and (value <= low if low_open else value < low) or \
-                    high is not None and (value >= high if high_open else value > high):
+            too_low = low is not None and (value <= low if low_open else value < low)
+            too_high = high is not None and (value >= high if high_open else value > high)
+            if too_low or too_high:
                 left, right = "(" if low_open else "[", ")" if high_open else "]"
                 span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
                 raise ValueError(f"TrainConfig: {name} must be in {span}, got {value!r}")
@@ -540,7 +541,7 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
             _say(parallel, f"step {step:>6}/{cfg.max_steps} | loss {result.loss:.4f} | lr {lr:.2e} | "
                            f"grad norm {result.grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s | MFU {100 * mfu:.2f}% | "
                            f"{1000 * window_time / steps_in_window:.0f} ms/step"
-                           + (" | non-finite gradient: update skipped" if result.skipped else ""))
+                           + (" | non-finite loss or gradient norm: update skipped" if result.skipped else ""))
             window_time, window_tokens, window_flops = 0.0, 0, 0.0
         if consecutive_skips >= cfg.max_skipped_updates:
             raise RuntimeError(f"train: {consecutive_skips} consecutive steps up to step {step} had a non-finite loss "

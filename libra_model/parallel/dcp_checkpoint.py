@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from libra_model.checksums import ALGORITHM, checksum_files, verify_files
+from libra_model.checksums import ALGORITHM, checksum_files, checksum_names, verify_files
 from libra_model.hf_checkpoint import CheckpointError
 from libra_model.parallel.tp_plan import full_state_dict
 
@@ -96,10 +96,10 @@ def save_checkpoint(root: str, step: int, model, optimizer, parallel, train_stat
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=temporary, no_dist=not parallel.distributed)
     parallel.barrier()
+    files = _record_files(temporary, parallel)
     if parallel.is_main:
         meta = {"step": step, "tp": parallel.tp, "dp": parallel.dp, "include_frozen": include_frozen,
-                "model_config": _config_dict(model), "checksum": ALGORITHM,
-                "files": checksum_files(temporary)}
+                "model_config": _config_dict(model), "checksum": ALGORITHM, "files": files}
         with open(os.path.join(temporary, META_NAME), "w", encoding="utf-8") as handle:
             json.dump(meta, handle, indent=2)
             handle.flush()
@@ -113,6 +113,24 @@ def save_checkpoint(root: str, step: int, model, optimizer, parallel, train_stat
                 shutil.rmtree(old, ignore_errors=True)
     parallel.barrier()
     return final
+
+
+def _record_files(directory: str, parallel) -> dict | None:
+    """The checksum record of a written checkpoint (on rank 0; None elsewhere). Each rank checksums the data files
+    it wrote (DCP names them ``__<rank>_<n>.distcp``), still in its page cache, so no rank reads the whole
+    checkpoint; rank 0 adds every other file (``.metadata``)."""
+    rank = dist.get_rank() if parallel.distributed else 0
+    mine = [name for name in os.listdir(directory) if name.startswith(f"__{rank}_")]
+    record = checksum_files(directory, mine)
+    if parallel.distributed:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, record)
+        record = {name: entry for part in gathered for name, entry in part.items()}
+    if not parallel.is_main:
+        return None
+    rest = [name for name in checksum_names(directory) if name not in record]
+    record.update(checksum_files(directory, rest))
+    return record
 
 
 def list_checkpoints(root: str) -> list[str]:
