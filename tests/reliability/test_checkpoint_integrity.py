@@ -199,14 +199,15 @@ def test_ranks_split_the_reading_and_agree(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, root], stdout=subprocess.PIPE, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, root], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True,
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                                        PYTHONPATH=repo)) for r in range(2)]
     answers = []
     for proc in procs:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
         answers.append(json.loads(out.strip().splitlines()[-1]))
     assert answers[0] == answers[1]
     path, problems = answers[0]
