@@ -319,8 +319,17 @@ class LibraConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, *, strict: bool = True, **overrides) -> LibraConfig:
         """Read a config.json file (see :meth:`from_dict`)."""
-        with open(path, encoding="utf-8") as handle:
-            return cls.from_dict(json.load(handle), strict=strict, **overrides)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                values = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"LibraConfig: {path} is not valid JSON ({error.msg} at line {error.lineno}, column "
+                             f"{error.colno}); restore or rewrite the config file") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"LibraConfig: {path} is not UTF-8 text ({error}); is it a config.json?") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"LibraConfig: {path} must hold a JSON object, got {type(values).__name__}")
+        return cls.from_dict(values, strict=strict, **overrides)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, strict: bool = True, **overrides) -> LibraConfig:

@@ -8,6 +8,11 @@ Weights are read from ``model.safetensors``, ``pytorch_model.bin`` or their shar
 ``*.index.json``, or shards found by name without one). Models are built on the meta device and the loaded tensors
 are assigned, so nothing is initialised twice; only parameters absent from a LLaMA checkpoint are initialised
 (LIBRA.md §2.3). Missing or unexpected names are reported by name, a shape mismatch is an error.
+
+Integrity: our saves write ``checksums.json`` beside the shards (size and CRC-32 of config.json, the index and every
+weight file; ``libra_model.checksums``). When it is present the files are verified before anything is read, and a
+missing, truncated or changed file is an error naming it. Released checkpoints have no such file and load as they
+are; a file that cannot be parsed (truncated, zero bytes, invalid JSON) is reported with its path either way.
 """
 
 from __future__ import annotations
@@ -15,17 +20,20 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import re
 import warnings
 
 import torch
 
+from libra_model.checksums import checksum_files, verify_files
 from libra_model.config import LibraConfig
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
+CHECKSUMS = "checksums.json"
 
 # Buffers that released checkpoints may hold and that carry no learned state (LIBRA.md Appendix A), plus the
 # rotary buffer of older LLaMA saves.
@@ -41,7 +49,8 @@ _LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: missing or unexpected names, or a shape mismatch."""
+    """A checkpoint that cannot be used: missing or unexpected names, a shape or config mismatch, or a file that is
+    missing, damaged or fails its checksum. The message names the file or settings at fault and what to do."""
 
 
 def _weight_files(directory: str) -> list[str]:
@@ -51,8 +60,10 @@ def _weight_files(directory: str) -> list[str]:
     for index_name in (SAFE_INDEX, TORCH_INDEX):
         index_path = os.path.join(directory, index_name)
         if os.path.isfile(index_path):
-            with open(index_path, encoding="utf-8") as handle:
-                weight_map = json.load(handle)["weight_map"]
+            weight_map = _read_json(index_path, "the weight index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: no 'weight_map' mapping; re-export the checkpoint or remove "
+                                      "the index to load the shards found by name")
             return [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
     for single in (SAFE_WEIGHTS, TORCH_WEIGHTS):
         path = os.path.join(directory, single)
@@ -66,16 +77,56 @@ def _weight_files(directory: str) -> list[str]:
                             f"{directory!r}")
 
 
-def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
-    """All tensors of an HF checkpoint directory (safetensors or .bin, single file or shards) on the CPU."""
+def _read_json(path: str, what: str) -> dict:
+    """A JSON object from ``path``; CheckpointError naming the file and the position of a syntax error."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({error.msg} at line {error.lineno}, column "
+                              f"{error.colno}); the file is truncated or damaged: restore it") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: cannot read {what} ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def verify_checksums(directory: str) -> bool:
+    """Verify the files listed in ``directory/checksums.json`` (our saves write it); returns False when there is no
+    such file (released checkpoints), True when every file verifies, and raises CheckpointError naming each file
+    that is missing, truncated or changed."""
+    path = os.path.join(directory, CHECKSUMS)
+    if not os.path.isfile(path):
+        return False
+    problems = verify_files(directory, _read_json(path, "the checksum record").get("files"))
+    if problems:
+        raise CheckpointError(f"{directory}: the checkpoint does not verify: " + "; ".join(problems)
+                              + ". Export it again or restore the files")
+    return True
+
+
+def _load_weight_file(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise CheckpointError(f"{path}: cannot read the weights ({size} bytes; {type(error).__name__}: {error}); "
+                              "the file is truncated or damaged: download or export it again") from None
+
+
+def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint directory (safetensors or .bin, single file or shards) on the CPU, verified
+    against ``checksums.json`` first when the directory has one."""
+    verify_checksums(directory)
     state: dict[str, torch.Tensor] = {}
     for path in _weight_files(directory):
-        if path.endswith(".safetensors"):
-            part = load_file(path, device="cpu")
-        else:
-            part = torch.load(path, map_location="cpu", weights_only=True)
+        part = _load_weight_file(path)
         duplicate = state.keys() & part.keys()
         if duplicate:
             raise CheckpointError(f"{path}: tensors {sorted(duplicate)[:5]} also appear in another shard")
@@ -182,8 +233,7 @@ def load_from_llama(model_class, llama_dir: str, *, dtype: torch.dtype | None = 
     Returns:
         the model (train mode). Raises CheckpointError on missing language tensors, unexpected names or shapes.
     """
-    with open(os.path.join(llama_dir, "config.json"), encoding="utf-8") as handle:
-        llama_config = json.load(handle)
+    llama_config = _read_json(os.path.join(llama_dir, "config.json"), "the LLaMA config")
     config = llama_config_to_libra(llama_config, **config_overrides)
     state = load_state_dict(llama_dir)
     with torch.device("meta"):
@@ -245,11 +295,13 @@ def save_pretrained(model, directory: str, *, max_shard_size: int | str = "5GB",
             size = 0
         shards[-1][name] = tensor
         size += nbytes
-    for stale in glob.glob(os.path.join(directory, "model*.safetensors")) + [os.path.join(directory, SAFE_INDEX)]:
+    for stale in glob.glob(os.path.join(directory, "model*.safetensors")) + [os.path.join(directory, SAFE_INDEX),
+                                                                            os.path.join(directory, CHECKSUMS)]:
         if os.path.isfile(stale):
             os.remove(stale)
     if len(shards) == 1:
         save_file(shards[0], os.path.join(directory, SAFE_WEIGHTS), metadata={"format": "pt"})
+        _write_checksums(directory, ["config.json", SAFE_WEIGHTS])
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
@@ -259,3 +311,10 @@ def save_pretrained(model, directory: str, *, max_shard_size: int | str = "5GB",
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with open(os.path.join(directory, SAFE_INDEX), "w", encoding="utf-8") as handle:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2, sort_keys=True)
+    _write_checksums(directory, ["config.json", SAFE_INDEX, *sorted(set(weight_map.values()))])
+
+
+def _write_checksums(directory: str, names: list[str]) -> None:
+    """``checksums.json``: size and CRC-32 of each of ``names`` (written last, so it only lists complete files)."""
+    with open(os.path.join(directory, CHECKSUMS), "w", encoding="utf-8") as handle:
+        json.dump({"files": checksum_files(directory, names)}, handle, indent=2, sort_keys=True)

@@ -19,6 +19,7 @@ Weights load from the released vision tokenizer checkpoint (a PyTorch-Lightning 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -213,17 +214,24 @@ def read_vision_tokenizer_checkpoint(path: str | os.PathLike, *, weights_only: b
     if not os.path.isfile(path):
         raise FileNotFoundError(f"read_vision_tokenizer_checkpoint: no file {path!r}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"read_vision_tokenizer_checkpoint: {path} cannot be read ({os.path.getsize(path)} "
+                             f"bytes; {error}): the file is truncated or damaged, download it again") from None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # the unpickler's error types vary across torch versions
-        if weights_only:
+        if weights_only and isinstance(error, pickle.UnpicklingError):
             raise ValueError(f"read_vision_tokenizer_checkpoint: {path} cannot be read with weights_only=True "
-                             f"({type(error).__name__}: {error}); pass weights_only=False if you trust the file") \
-                from error
-        raise
+                             f"({type(error).__name__}: {error}); pass weights_only=False if you trust the file, "
+                             "or download it again if it is damaged") from error
+        raise ValueError(f"read_vision_tokenizer_checkpoint: {path} cannot be read ({os.path.getsize(path)} bytes; "
+                         f"{type(error).__name__}: {error}): the file is truncated or damaged, download it again") \
+            from error
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         payload = payload["state_dict"]
     if not isinstance(payload, dict) or not all(isinstance(k, str) for k in payload):

@@ -498,6 +498,9 @@ def _check_inputs(config: LibraConfig, input_ids, vision_indices, attention_mask
         raise ValueError(f"{name}: input_ids must be [C={config.vision_codebook_num}, B, N], "
                          f"got {tuple(input_ids.shape)}")
     _, batch, length = input_ids.shape
+    if batch == 0 or length == 0:
+        raise ValueError(f"{name}: input_ids is empty ([C, B, N] = {tuple(input_ids.shape)}); a forward needs at "
+                         "least one sequence (B >= 1) of at least one token (N >= 1)")
     if not isinstance(vision_indices, torch.Tensor) or vision_indices.dtype.is_floating_point \
             or vision_indices.dtype == torch.bool:
         raise TypeError(f"{name}: vision_indices must be an integer tensor [B, N]")

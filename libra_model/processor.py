@@ -149,8 +149,14 @@ class LibraProcessor:
         declared = os.path.isfile(config_path) or "vision_tokenizer" in paths or "clip" in paths
         decoder_declared = "pixel_decoder_config" in paths
         if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as handle:
-                stored = json.load(handle)
+            try:
+                with open(config_path, encoding="utf-8") as handle:
+                    stored = json.load(handle)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"LibraProcessor.from_pretrained: {config_path} is not valid JSON ({error}); "
+                                 "restore or rewrite it") from None
+            if not isinstance(stored, dict):
+                raise ValueError(f"LibraProcessor.from_pretrained: {config_path} must hold a JSON object of paths")
             decoder_declared = decoder_declared or "pixel_decoder_config" in stored
             settings.update(stored)
         settings.update(paths)

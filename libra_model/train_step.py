@@ -34,8 +34,8 @@ NORMALIZATIONS = ("global_tokens", "mean_of_microbatches")
 @dataclass
 class StepResult:
     """What a step reports: ``loss`` (the step's loss over the global batch, a float equal on every rank),
-    ``grad_norm`` (before clipping), ``tokens`` (real tokens of the global batch), ``skipped`` (True when the norm
-    was not finite and no update was made)."""
+    ``grad_norm`` (before clipping), ``tokens`` (real tokens of the global batch), ``skipped`` (True when the loss or
+    the norm was not finite and no update was made)."""
 
     loss: float
     grad_norm: float
@@ -115,7 +115,8 @@ def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: flo
         dist.all_reduce(totals, group=parallel.dp_group)
     tokens = totals.cpu()
     grad_norm = float(norm)
-    skipped = not math.isfinite(grad_norm)
+    # A non-finite loss or norm (equal on every rank: both are global) skips the update on every rank alike.
+    skipped = not (math.isfinite(grad_norm) and math.isfinite(float(tokens[0])))
     if not skipped:
         optimizer.step(lr)
     optimizer.zero_grad()

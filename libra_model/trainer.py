@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -36,7 +37,7 @@ from libra_model.train_step import NORMALIZATIONS, train_step
 logger = logging.getLogger("libra_model.trainer")
 PRECISIONS = ("auto", "fp32", "bf16")
 _FLOAT_FIELDS = ("lr", "min_lr", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                 "max_grad_norm")
+                 "max_grad_norm", "dist_timeout_s")
 
 
 @dataclass
@@ -88,9 +89,12 @@ class TrainConfig:
     output_dir: str = "runs/default"
     log_every: int = 10
     save_every: int = 100
-    keep_last: int | None = 2
+    keep_last: int | None = 2  # keep this many newest checkpoints (>= 1), null: keep all
     save_frozen: bool = True
     resume: bool = False
+    resume_fresh_if_none: bool = False  # with resume: start from scratch when no checkpoint verifies (else stop)
+    max_skipped_updates: int = 5  # consecutive non-finite steps (skipped updates) that stop the run
+    dist_timeout_s: float = 600.0  # collective timeout of the process group: a stalled rank ends the job
     export_hf: bool = True
     caption_samples: int = 3
     caption_max_new_tokens: int = 24
@@ -102,32 +106,63 @@ class TrainConfig:
     debug_checks: bool = False
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad setting."""
-        positive = ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "save_every", "tp",
-                    "data_num_samples")
-        for name in positive:
+        """Raise ValueError naming the first bad setting (types, ranges and the relations between settings)."""
+        def number(name, low=None, high=None, *, low_open=False, high_open=False, optional=False):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"TrainConfig: {name} must be a finite number{' or null' if optional else ''}, "
+                                 f"got {value!r}")
+            too_low = low is not None and (value <= low if low_open else value < low)
+            too_high = high is not None and (value >= high if high_open else value > high)
+            if too_low or too_high:
+                left, right = "(" if low_open else "[", ")" if high_open else "]"
+                span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+                raise ValueError(f"TrainConfig: {name} must be in {span}, got {value!r}")
+
+        def integer(name, low, *, optional=False):
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                kind = "a positive int" if low == 1 else f"an int >= {low}"
+                raise ValueError(f"TrainConfig: {name} must be {kind}{' or null' if optional else ''}, got {value!r}")
+
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "save_every", "tp",
+                     "data_num_samples", "max_skipped_updates"):
+            integer(name, 1)
+        integer("keep_last", 1, optional=True)
+        integer("max_length", 1, optional=True)
+        integer("warmup_steps", 0, optional=True)
+        for name in ("prefetch", "seed", "caption_samples", "caption_max_new_tokens"):
+            integer(name, 0)
+        if self.micro_batch_size > self.global_batch_size:
+            raise ValueError(f"TrainConfig: micro_batch_size ({self.micro_batch_size}) must be <= global_batch_size "
+                             f"({self.global_batch_size})")
+        if self.warmup_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"TrainConfig: warmup_steps ({self.warmup_steps}) must be <= max_steps "
+                             f"({self.max_steps})")
         for name in ("eval_every", "eval_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig: {name} must be an int >= 0, got {value!r}")
+            integer(name, 0)
         if self.loss_normalization not in NORMALIZATIONS:
             raise ValueError(f"TrainConfig: loss_normalization must be one of {NORMALIZATIONS}, "
                              f"got {self.loss_normalization!r}")
-        if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, (int, float)) \
-                or not 0.0 <= self.label_smoothing <= 1.0:
-            raise ValueError(f"TrainConfig: label_smoothing must be in [0, 1], got {self.label_smoothing!r}")
-        if isinstance(self.z_loss_weight, bool) or not isinstance(self.z_loss_weight, (int, float)) \
-                or not self.z_loss_weight >= 0.0:
-            raise ValueError(f"TrainConfig: z_loss_weight must be >= 0, got {self.z_loss_weight!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"TrainConfig: max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
+        number("label_smoothing", 0.0, 1.0)
+        number("z_loss_weight", 0.0)
+        number("lr", 0.0, low_open=True)
+        number("min_lr", 0.0)
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig: min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        number("warmup_ratio", 0.0, 1.0)
+        number("weight_decay", 0.0)
+        number("adam_beta1", 0.0, 1.0, high_open=True)
+        number("adam_beta2", 0.0, 1.0, high_open=True)
+        number("adam_eps", 0.0, low_open=True)
+        number("max_grad_norm", 0.0, low_open=True, optional=True)
+        number("dist_timeout_s", 0.0, low_open=True)
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"TrainConfig: model_overrides must be a mapping, got {self.model_overrides!r}")
         if self.distributed_optimizer is not None and not isinstance(self.distributed_optimizer, bool):
@@ -139,13 +174,19 @@ class TrainConfig:
         if self.grad_reduce_dtype != "fp32" and self.distributed_optimizer is False:
             raise ValueError("TrainConfig: grad_reduce_dtype=bf16 needs the distributed optimizer "
                              "(set distributed_optimizer=true or leave it null)")
-        if not isinstance(self.sequence_parallel, bool):
-            raise ValueError(f"TrainConfig: sequence_parallel must be true or false, got {self.sequence_parallel!r}")
         from libra_model.modules.recompute import check_mode
 
         check_mode(self.activation_checkpointing)
         if self.init_libra and self.init_llama:
             raise ValueError("TrainConfig: give init_libra or init_llama, not both")
+        from libra_model.data.pipeline import DATASETS
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"TrainConfig: dataset must be one of {DATASETS}, got {self.dataset!r}")
+        for name in ("caption_eos", "frozen_language", "sequence_parallel", "save_frozen", "resume",
+                     "resume_fresh_if_none", "export_hf", "tensorboard", "debug_checks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig: {name} must be true or false, got {getattr(self, name)!r}")
 
     def uses_distributed_optimizer(self, dp: int) -> bool:
         """Whether a run with ``dp`` data-parallel replicas shards its optimizer state (null: when dp > 1)."""
@@ -400,10 +441,11 @@ def _check_same_batch(batch: dict, parallel: ParallelState) -> None:
 # ------------------------------------------------------------------------------------------------------- run
 def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
     """Run training as ``cfg`` says (every rank calls it). Returns a summary: "step", "loss" (last step's),
-    "first_loss", "checkpoint" (last saved), "skips" (counts by reason), "captions" [(generated, true)],
-    "evaluation" (the last held-out evaluation's ``val_*`` values, {} when none ran)."""
+    "first_loss", "checkpoint" (last saved), "skips" (skipped samples by reason), "skipped_updates" (steps with a
+    non-finite loss or gradient norm), "captions" [(generated, true)], "evaluation" (the last held-out evaluation's
+    ``val_*`` values, {} when none ran)."""
     cfg.validate()
-    parallel = parallel or init_parallel(cfg.tp)
+    parallel = parallel or init_parallel(cfg.tp, timeout_s=cfg.dist_timeout_s)
     if parallel.tp != cfg.tp:
         raise ValueError(f"train: the process group has tp={parallel.tp}, the config says tp={cfg.tp}")
     seed_everything(cfg.seed)
@@ -459,10 +501,17 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     start_step, last_checkpoint = 0, None
     if cfg.resume:
-        last_checkpoint = ckpt.latest_checkpoint(ckpt_root)
+        last_checkpoint, problems = ckpt.find_resume_checkpoint(ckpt_root, parallel)
+        for problem in problems:
+            _say(parallel, f"resume: checkpoint rejected: {problem}")
+        if last_checkpoint is None and problems and not cfg.resume_fresh_if_none:
+            raise ckpt.CheckpointError(f"resume: no checkpoint under {ckpt_root} verifies (problems above); restore "
+                                       "one, or set resume_fresh_if_none=true to start from scratch")
         if last_checkpoint is None:
             _say(parallel, f"resume: no complete checkpoint under {ckpt_root}; starting from scratch")
         else:
+            if problems:
+                _say(parallel, f"resume: falling back to {last_checkpoint}, the newest checkpoint that verifies")
             state = ckpt.load_checkpoint(last_checkpoint, model, optimizer, parallel)
             start_step = state["step"]
             loaders = state["loaders"]
@@ -517,6 +566,7 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
         return row
 
     first_loss = last_loss = None
+    skipped_updates = consecutive_skips = 0
     window_time, window_tokens, window_flops = 0.0, 0, 0.0
     step = start_step
     for step in range(start_step + 1, cfg.max_steps + 1):
@@ -541,6 +591,15 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
         window_time += elapsed
         window_tokens += result.tokens
         window_flops += flops
+        if result.skipped:
+            # A non-finite loss or gradient norm: no update was made. A few in a row are survivable (one bad
+            # batch); more mean the run diverged or the weights hold NaN, and going on would only waste steps.
+            skipped_updates += 1
+            consecutive_skips += 1
+            _say(parallel, f"step {step}: non-finite loss ({result.loss}) or gradient norm ({result.grad_norm}): "
+                           f"update skipped ({consecutive_skips} in a row)")
+        else:
+            consecutive_skips = 0
         if parallel.device.type == "cuda" and step == min(start_step + 2, cfg.max_steps):
             allocated = torch.cuda.max_memory_allocated(parallel.device)
             planned = (memory_plan.total - memory_plan.allowance) / GIB
@@ -554,15 +613,20 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
             mfu = window_flops / window_time / peak
             row = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                    "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": window_time / steps_in_window,
-                   "skipped_samples": loader.stats.total}
+                   "skipped_samples": loader.stats.total, "skipped_updates": skipped_updates}
             if result.skipped:
                 row["skipped_update"] = True
             metrics.log(row)
             _say(parallel, f"step {step:>6}/{cfg.max_steps} | loss {result.loss:.4f} | lr {lr:.2e} | "
                            f"grad norm {result.grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s | MFU {100 * mfu:.2f}% | "
                            f"{1000 * window_time / steps_in_window:.0f} ms/step"
-                           + (" | non-finite gradient: update skipped" if result.skipped else ""))
+                           + (" | non-finite loss or gradient norm: update skipped" if result.skipped else ""))
             window_time, window_tokens, window_flops = 0.0, 0, 0.0
+        if consecutive_skips >= cfg.max_skipped_updates:
+            raise RuntimeError(f"train: {consecutive_skips} consecutive steps up to step {step} had a non-finite loss "
+                               f"or gradient norm (max_skipped_updates={cfg.max_skipped_updates}); the last good "
+                               f"checkpoint is {last_checkpoint or 'none (nothing saved yet)'}. Check the data and "
+                               "the learning rate, then resume from it")
         if cfg.debug_checks:
             _debug_replicated(model, parallel)
         if cfg.eval_samples and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
@@ -581,7 +645,8 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
     evaluation = evaluate(step) if cfg.eval_samples else {}
     metrics.close()
     return {"step": step, "loss": last_loss, "first_loss": first_loss, "checkpoint": last_checkpoint,
-            "skips": dict(loader.stats.counts), "captions": captions, "evaluation": evaluation}
+            "skips": dict(loader.stats.counts), "skipped_updates": skipped_updates, "captions": captions,
+            "evaluation": evaluation}
 
 
 def _debug_replicated(model, parallel: ParallelState) -> None:

@@ -107,19 +107,22 @@ struct GradCoefficients {
   acc_t scale;         // weight * (1 + 2 w lse)
   acc_t shift;         // weight * eps / vocab
   acc_t target_shift;  // weight * (1 - eps)
+  bool active;         // false for an ignored target: every gradient of its row is an exact 0
 };
 
 template <typename acc_t>
 LIBRA_HD GradCoefficients<acc_t> grad_coefficients(acc_t lse, acc_t weight, bool valid, const Rows& a) {
-  // An ignored target contributes nothing; weight 0 makes every gradient of its row an exact 0.
-  const acc_t w = valid ? weight : acc_t(0);
+  // An ignored target contributes nothing, even when its row's logits are NaN or inf (as in
+  // torch.nn.functional.cross_entropy): its gradients are set to 0, never computed as 0 * NaN.
+  if (!valid) return {acc_t(0), acc_t(0), acc_t(0), acc_t(0), false};
   const acc_t eps = acc_t(a.smoothing);
-  return {lse, w * (acc_t(1) + acc_t(2) * acc_t(a.z_loss_weight) * lse), w * eps / acc_t(a.vocab),
-          w * (acc_t(1) - eps)};
+  return {lse, weight * (acc_t(1) + acc_t(2) * acc_t(a.z_loss_weight) * lse), weight * eps / acc_t(a.vocab),
+          weight * (acc_t(1) - eps), true};
 }
 
 template <typename acc_t>
 LIBRA_HD acc_t logit_grad(acc_t z, bool is_target, const GradCoefficients<acc_t>& c) {
+  if (!c.active) return acc_t(0);
   const acc_t g = c.scale * std::exp(z - c.lse) - c.shift;
   return is_target ? g - c.target_shift : g;
 }

@@ -32,6 +32,12 @@ Parts: the reference ``discrete_token_cross_entropy_ref``; the "torch" and "cpp"
 ``torch.ops.libra.discrete_token_cross_entropy`` (+ ``_backward``) with fake implementations and autograd; the
 public ``discrete_token_cross_entropy``.
 
+Non-finite values and layouts: as in ``torch.nn.functional.cross_entropy``, a row whose target is ignore_index
+contributes nothing to the loss, NaN or inf in its logits or not, and its logits get an exact 0 gradient (so the
+row's dh is 0); dW = dlogitsᵀ·h is a GEMM, so a NaN in h still reaches dW there, on every backend alike. Every
+backend takes strided (non-contiguous) inputs; an empty h (T = 0) gives a 0 loss ("mean"/"sum"), an empty
+[C, 0] grid ("none") and zero gradients.
+
 Unrequested gradients: the registered ops (the operator's gradients for grad_output = 1, ``_backward``, and the
 C++ ``linear_cross_entropy``'s dW) return an empty [0] tensor, its own, for each gradient not asked for; the
 autograd formula hands autograd None for it.
@@ -75,7 +81,8 @@ def _ref_head(logits, target, valid, label_smoothing, z_loss_weight, stat):
     logits = logits.to(stat)
     loss = F.cross_entropy(logits, target.where(valid, 0), reduction="none", label_smoothing=label_smoothing)
     z = z_loss_weight * logits.logsumexp(-1).square()
-    return (loss + z) * valid, z * valid
+    # torch.where, not a product: an ignored row adds nothing even when its logits are NaN or inf.
+    return torch.where(valid, loss + z, 0), torch.where(valid, z, 0)
 
 
 def discrete_token_cross_entropy_ref(h, n_text, w_text, w_vision, labels, *, ignore_index=-100, reduction="mean",
@@ -124,7 +131,8 @@ def _torch_logit_grad(logits, target, valid, weight, opts, stat):
     lse = z.logsumexp(-1, keepdim=True)
     grad = (z - lse).exp() * (1 + 2 * opts.z_loss_weight * lse) - opts.label_smoothing / z.shape[-1]
     grad[torch.arange(len(target), device=z.device), target.where(valid, 0)] -= 1 - opts.label_smoothing
-    return grad * (weight * valid)[:, None]
+    # An ignored row's gradient is an exact 0, also when its logits are NaN or inf (a product would give NaN).
+    return torch.where(valid[:, None], grad * weight[:, None], 0)
 
 
 def _torch_grads(h, n_text, w_text, w_vision, labels, weights, needs, opts):
@@ -226,6 +234,8 @@ def _combine(text, vision, valid, reduction):
 
 
 def _cpp_forward(h, n_text, w_text, w_vision, labels, needs, opts):
+    # The kernel writes dh in h's layout and needs it dense: a strided h (a transpose, a slice) is copied once.
+    h = h.contiguous()
     stat = _loss_dtype(h.dtype)
     group = vp.resolve_group(opts.group_name)
     codebooks, vision_vocab = w_vision.shape[:2]
@@ -248,7 +258,7 @@ def _cpp_forward(h, n_text, w_text, w_vision, labels, needs, opts):
     loss = _combine(text_loss, vision_loss, valid, opts.reduction)
     vision_lse = vision_stats[0]
     if opts.z_loss_weight:
-        z = lambda lse, ok: opts.z_loss_weight * lse.square() * ok
+        z = lambda lse, ok: torch.where(ok, opts.z_loss_weight * lse.square(), 0)
         z_loss = _combine(z(text_lse, valid[:1, :n_text]), z(vision_lse, valid[:, n_text:]), valid, opts.reduction)
     else:
         z_loss = torch.zeros_like(loss)
@@ -257,6 +267,7 @@ def _cpp_forward(h, n_text, w_text, w_vision, labels, needs, opts):
 
 
 def _cpp_backward(grad_out, h, n_text, w_text, w_vision, labels, lse, needs, opts):
+    h = h.contiguous()
     stat = _loss_dtype(h.dtype)
     group = vp.resolve_group(opts.group_name)
     need_h, need_w_text, need_w_vision = needs

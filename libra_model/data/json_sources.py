@@ -23,8 +23,16 @@ from libra_model.data.loader import SampleError, SkipStats
 def _load_list(path: str, what: str) -> list:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: no such file {path}")
-    with open(path, encoding="utf-8") as handle:
-        records = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            records = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what}: {path} is not valid JSON: {error.msg} at line {error.lineno}, column "
+                         f"{error.colno} (byte {error.pos}); fix or regenerate the annotation file") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what}: {path} is not UTF-8 text (byte {error.start}); is it an annotation file?") from None
+    except OSError as error:
+        raise OSError(f"{what}: cannot read {path} ({error.strerror or error})") from error
     if not isinstance(records, list):
         raise ValueError(f"{what}: {path} must hold a JSON list of records, got {type(records).__name__}")
     return records

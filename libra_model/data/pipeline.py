@@ -72,15 +72,23 @@ class EncodedSource:
         sample = self.source[index]
         try:
             if "conversations" in sample:
-                return self.processor.encode_sample(sample["conversations"], sample["image"], template="v1",
-                                                    max_length=self.max_length)
-            if self.caption_eos:
-                return encode_caption_with_eos(self.processor, sample["caption"], sample["image"], self.max_length)
-            return self.processor.encode_sample(sample["caption"], sample["image"], template="caption",
-                                                max_length=self.max_length)
+                encoded = self.processor.encode_sample(sample["conversations"], sample["image"], template="v1",
+                                                       max_length=self.max_length)
+            elif self.caption_eos:
+                encoded = encode_caption_with_eos(self.processor, sample["caption"], sample["image"],
+                                                  self.max_length)
+            else:
+                encoded = self.processor.encode_sample(sample["caption"], sample["image"], template="caption",
+                                                       max_length=self.max_length)
         except (ValueError, TypeError) as error:
             # A sample the templates cannot encode (an empty caption after cleaning, say): skip, do not stop.
             raise SampleError("unencodable", f"{sample.get('key', index)}: {error}") from error
+        # Position 0 has no predecessor, so a target there is never trained on. A sample without any other target
+        # (a conversation ending with a human turn, a caption cut away by max_length) would add tokens and no loss.
+        if not bool(encoded.target_mask[1:].any()):
+            raise SampleError("no_target", f"{sample.get('key', index)}: no target token"
+                                           + (f" within max_length={self.max_length}" if self.max_length else ""))
+        return encoded
 
 
 def check_host_batch(batch: dict, config) -> None:

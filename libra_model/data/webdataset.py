@@ -100,9 +100,15 @@ class WebDatasetCaptions:
                         member = tar.next()
                     except tarfile.TarError as error:
                         # A corrupt header mid-shard: keep what was indexed before it.
-                        self.stats.add("broken_tar_member", f"{path}: {error}")
+                        self.stats.add("broken_tar_member", f"{path}: {error} after byte {tar.offset}")
                         break
                     if member is None:
+                        # tarfile reads a header cut short as the end of the archive; a complete shard has two
+                        # zero blocks after its last member, so their absence means the rest was lost.
+                        if file_size - tar.offset < 2 * tarfile.BLOCKSIZE:
+                            self.stats.add("broken_tar_member", f"{path}: truncated at byte {file_size} (no "
+                                                                f"end-of-archive after byte {tar.offset}); the "
+                                                                "members after it are lost")
                         break
                     if not member.isfile():
                         continue

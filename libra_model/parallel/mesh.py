@@ -12,6 +12,8 @@ DP replica read the same batch.
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -74,12 +76,18 @@ def init_parallel(tp: int = 1, *, device: str | torch.device | None = None, back
         tp: tensor-parallel size; must divide the world size (dp = world_size / tp).
         device: "cpu", "cuda" or a device; None picks CUDA (the LOCAL_RANK-th GPU) when available, else the CPU.
         backend: process-group backend; None = "nccl" on CUDA, "gloo" on the CPU.
-        timeout_s: collective timeout (None = torch's default).
+        timeout_s: collective timeout in seconds, applied to the global group and to the mesh's dp and tp groups
+            (None = torch's default, 30 minutes on gloo, 10 on NCCL). A collective that waits longer raises on gloo
+            (see :func:`collective_failure_message`); on NCCL the watchdog aborts the process. Either way the rank
+            exits, and torchrun then ends the others.
 
     Returns the :class:`ParallelState`. A single process without a process group gets all groups None.
     """
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"init_parallel: tp must be a positive int, got {tp!r}")
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not 0 < timeout_s < math.inf):
+        raise ValueError(f"init_parallel: timeout_s must be a positive number of seconds, got {timeout_s!r}")
     world_size = dist.get_world_size() if dist.is_initialized() else _env_int("WORLD_SIZE", 1)
     if world_size % tp:
         raise ValueError(f"init_parallel: tp={tp} must divide the world size {world_size} "
@@ -100,21 +108,50 @@ def init_parallel(tp: int = 1, *, device: str | torch.device | None = None, back
         # Several ranks on one CPU: split the cores, since oversubscribed OpenMP threads spin and stall each other.
         local = _env_int("LOCAL_WORLD_SIZE", world_size)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        kwargs = {}
-        if timeout_s is not None:
-            import datetime
-
-            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), **kwargs)
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        if backend == "nccl":
+            # The watchdog aborts the communicator and the process when a collective exceeds the timeout (rather
+            # than leaving the rank blocked in a kernel), so torchrun sees the failure and ends the job.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(backend, **kwargs)
     from torch.distributed.device_mesh import init_device_mesh
 
     dp = world_size // tp
     mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     rank = dist.get_rank()
+    dp_group, tp_group = mesh["dp"].get_group(), mesh["tp"].get_group()
+    if timeout is not None:
+        # Sub-groups made by new_group take torch's default timeout, not the global group's: set it on each.
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        for group in {dp_group, tp_group, dist.group.WORLD}:
+            if set_timeout is not None and group is not None:
+                set_timeout(timeout, group)
     return ParallelState(world_size=world_size, rank=rank, dp=dp, tp=tp, dp_rank=rank // tp, tp_rank=rank % tp,
-                         device=device, mesh=mesh, dp_group=mesh["dp"].get_group(), tp_group=mesh["tp"].get_group(),
+                         device=device, mesh=mesh, dp_group=dp_group, tp_group=tp_group,
                          world_group=dist.group.WORLD)
+
+
+_COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                        "watchdog")
+
+
+def collective_failure_message(error: BaseException, timeout_s: float | None) -> str | None:
+    """A clear one-paragraph message when ``error`` is a collective that failed because another rank stalled, died
+    or timed out (torch's DistBackendError, or gloo's RuntimeError "Timed out waiting ... for recv"); None for any
+    other error (which should propagate as it is)."""
+    text = str(error)
+    if not isinstance(error, getattr(dist, "DistBackendError", ())) and not (
+            isinstance(error, RuntimeError) and any(key in text.lower() for key in _COLLECTIVE_FAILURES)):
+        return None
+    rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
+    limit = f"within dist_timeout_s={timeout_s:g} s" if timeout_s is not None else "within the collective timeout"
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return (f"rank {rank}: a collective did not complete {limit}: another rank stalled, died or lost its "
+            f"connection, so the job stops ({type(error).__name__}: {first_line}). Check the other ranks' logs; "
+            "resume with --resume from the last checkpoint.")
 
 
 def seed_everything(seed: int) -> None:

@@ -120,7 +120,7 @@ def test_save_load_round_trip(tmp_path, shard):
     model.save_pretrained(str(tmp_path), max_shard_size=shard)
     files = sorted(p.name for p in tmp_path.iterdir())
     if shard == "5GB":
-        assert files == ["config.json", "model.safetensors"]
+        assert files == ["checksums.json", "config.json", "model.safetensors"]  # checksums.json: the integrity record
     else:
         assert "model.safetensors.index.json" in files and len(files) > 3
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
