@@ -7,7 +7,7 @@ This module sits below the model: it never imports ``libra_model.model``; the mo
 Weights are read from ``model.safetensors``, ``pytorch_model.bin`` or their sharded forms (with an index file
 ``*.index.json``, or shards found by name without one). Models are built on the meta device and the loaded tensors
 are assigned, so nothing is initialised twice; only parameters absent from a LLaMA checkpoint are initialised
-(LIBRA.md §2.3). Missing or unexpected names are reported by name, a shape mismatch is an error.
+(docs/model.md §12). Missing or unexpected names are reported by name, a shape mismatch is an error.
 
 Integrity: our saves write ``checksums.json`` beside the shards (size and CRC-32 of config.json, the index and every
 weight file; ``libra_model.checksums``). When it is present the files are verified before anything is read, and a
@@ -35,7 +35,7 @@ TORCH_WEIGHTS = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 CHECKSUMS = "checksums.json"
 
-# Buffers that released checkpoints may hold and that carry no learned state (LIBRA.md Appendix A), plus the
+# Buffers that released checkpoints may hold and that carry no learned state (docs/model.md §13), plus the
 # rotary buffer of older LLaMA saves.
 IGNORED_BUFFERS = re.compile(
     r"^(model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq|model\.rotary_emb\.inv_freq|naive_placeholder"
@@ -161,7 +161,7 @@ def _assign(model, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
 
 
 def _materialise(model, names: list[str], dtype: torch.dtype, device) -> None:
-    """Give the parameters still on the meta device real storage and initialise them (LIBRA.md §2.3)."""
+    """Give the parameters still on the meta device real storage and initialise them (docs/model.md §12)."""
     for name in names:
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
@@ -227,7 +227,7 @@ def load_from_llama(model_class, llama_dir: str, *, dtype: torch.dtype | None = 
         llama_dir: an HF LLaMA directory (config.json + safetensors or .bin weights, sharded or not).
         dtype: the model dtype (default: that of the LLaMA embedding). device: where the model is built.
         copy_eos_to_pad: overwrite the pad row of ``embed_tokens`` with the EOS row, as the reference training
-            wrapper does (LIBRA.md §7.1, §11.10); off by default so the language part stays the LLaMA checkpoint.
+            wrapper of the released code does; off by default so the language part stays the LLaMA checkpoint.
         config_overrides: LibraConfig fields for the vision side (e.g. ``contiguous_signal_size``); the language
             fields come from the LLaMA config.
     Returns:
@@ -252,7 +252,7 @@ def load_from_llama(model_class, llama_dir: str, *, dtype: torch.dtype | None = 
 
 
 def _is_vision_parameter(name: str) -> bool:
-    """Parameters a LLaMA checkpoint does not have: every name with 'vision' in it (LIBRA.md §1.4)."""
+    """Parameters a LLaMA checkpoint does not have: every name with 'vision' in it."""
     return "vision" in name
 
 

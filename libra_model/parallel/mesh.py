@@ -1,4 +1,5 @@
-"""The (dp, tp) device mesh, built from ``torchrun``'s environment, and the seeding rules of PARALLEL.md §1(a)/(g).
+"""The (dp, tp) device mesh, built from ``torchrun``'s environment, and the seeding rules
+(docs/parallel.md, "Mesh and groups").
 
 TP is the innermost mesh dimension, so the ranks of one TP group are consecutive (on one node with torchrun's
 usual rank order). The backend is NCCL when CUDA is available and gloo otherwise. Without torchrun (no WORLD_SIZE
@@ -156,7 +157,7 @@ def collective_failure_message(error: BaseException, timeout_s: float | None) ->
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy (when installed) and torch (CPU and CUDA) with the same ``seed`` on every rank, so that
-    every rank builds the same full initial weights (PARALLEL.md §1(g))."""
+    every rank builds the same full initial weights."""
     random.seed(seed)
     torch.manual_seed(seed)
     try:
