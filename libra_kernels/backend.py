@@ -10,6 +10,7 @@ operator's backend from it.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,27 @@ class Kernel:
     forward: Callable
     backward: Callable | None
     unavailable: Callable[[torch.device], str]
+
+
+def load_triton_kernels(module: str) -> tuple[object | None, Callable[[torch.device], str]]:
+    """Import the Triton kernel module ``module`` of an operator. Returns the module (None when Triton cannot be
+    imported: the package works without it, only the "triton" backend is then unavailable) and the backend's
+    ``unavailable`` check: Triton kernels run on CUDA devices, or on the CPU under ``TRITON_INTERPRET=1``."""
+    try:
+        kernels = importlib.import_module(module)
+        missing = ""
+    except ImportError as error:
+        kernels, missing = None, f"triton cannot be imported ({error})"
+
+    def unavailable(device: torch.device) -> str:
+        if kernels is None:
+            return missing
+        if device.type == "cuda" or (device.type == "cpu" and kernels.INTERPRETED):
+            return ""
+        return ("Triton kernels run on CUDA devices, or on the CPU when TRITON_INTERPRET=1 is set before "
+                "libra_kernels is imported")
+
+    return kernels, unavailable
 
 
 def always_available(device: torch.device) -> str:

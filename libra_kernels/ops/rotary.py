@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from libra_kernels.backend import Kernel, KernelTable, always_available
+from libra_kernels.backend import Kernel, KernelTable, always_available, load_triton_kernels
 from libra_kernels.validation import check_floating, check_like, check_tensor
 
 OP = "rotary"
@@ -39,22 +39,7 @@ def _torch_backward(grads, cos, sin):
     return [g * cos - _rotate_half(g * sin) for g in grads]
 
 
-try:
-    from libra_kernels.ops import rotary_triton as _triton
-
-    _TRITON_MISSING = ""
-except ImportError as error:  # the package works without Triton; only this backend is then unavailable
-    _triton = None
-    _TRITON_MISSING = f"triton cannot be imported ({error})"
-
-
-def _triton_unavailable(device: torch.device) -> str:
-    if _triton is None:
-        return _TRITON_MISSING
-    if device.type == "cuda" or (device.type == "cpu" and _triton.INTERPRETED):
-        return ""
-    return ("Triton kernels run on CUDA devices, or on the CPU when TRITON_INTERPRET=1 is set before libra_kernels "
-            "is imported")
+_triton, _triton_unavailable = load_triton_kernels("libra_kernels.ops.rotary_triton")
 
 
 def _triton_rotate(xs: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> list[torch.Tensor]:

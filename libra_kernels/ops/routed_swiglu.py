@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from libra_kernels.backend import Kernel, KernelTable, always_available
+from libra_kernels.backend import Kernel, KernelTable, always_available, load_triton_kernels
 from libra_kernels.ops import routed_linear as linear
 from libra_kernels.validation import check_like, check_shape, check_tensor
 
@@ -63,22 +63,7 @@ def _backward_with(product, product_backward):
     return backward
 
 
-try:
-    from libra_kernels.ops import routed_swiglu_triton as _triton
-
-    _TRITON_MISSING = ""
-except ImportError as error:  # the package works without Triton; only this backend is then unavailable
-    _triton = None
-    _TRITON_MISSING = f"triton cannot be imported ({error})"
-
-
-def _triton_unavailable(device: torch.device) -> str:
-    if _triton is None:
-        return _TRITON_MISSING
-    if device.type == "cuda" or (device.type == "cpu" and _triton.INTERPRETED):
-        return ""
-    return ("Triton kernels run on CUDA devices, or on the CPU when TRITON_INTERPRET=1 is set before libra_kernels "
-            "is imported")
+_triton, _triton_unavailable = load_triton_kernels("libra_kernels.ops.routed_swiglu_triton")
 
 
 TABLE = KernelTable(OP, auto_order={"cuda": ("triton",)})
