@@ -222,7 +222,7 @@ def _config_dict(model) -> dict:
     return {k: v for k, v in values.items() if k not in _CONFIG_KEYS_IGNORED}
 
 
-def _check_same_model(path: str, meta: dict, model, state: dict) -> None:
+def _check_same_model(path: str, meta: dict, model) -> None:
     """CheckpointError unless the checkpoint was saved from a model of this config holding no tensor this model
     lacks (a partial load would otherwise pass without a word)."""
     saved, live = meta.get("model_config"), _config_dict(model)
@@ -237,7 +237,8 @@ def _check_same_model(path: str, meta: dict, model, state: dict) -> None:
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except Exception as error:  # noqa: BLE001 - DCP raises many kinds; the message says which file
         raise CheckpointError(f"{os.path.join(path, '.metadata')}: unreadable DCP metadata ({error})") from None
-    ours = {f"model.{name}" for name in state["model"]}
+    # The model's own names, not the keys of ``state``: the distributed optimizer's views hold only this rank's share.
+    ours = {f"model.{name}" for name, _ in model.named_parameters()}
     extra = sorted(key for key in stored if key.startswith("model.") and key not in ours)
     if extra:
         shown = ", ".join(k[len("model."):] for k in extra[:5]) + (" ..." if len(extra) > 5 else "")
@@ -254,7 +255,7 @@ def load_checkpoint(path: str, model, optimizer, parallel, *, load_optimizer: bo
     meta = read_meta(path)
     state = _views(model, optimizer if load_optimizer else None, parallel, meta.get("include_frozen", True),
                    saving=False)
-    _check_same_model(path, meta, model, state)
+    _check_same_model(path, meta, model)
     if not load_optimizer:
         state.pop("optim")
     state["train"] = b""
