@@ -38,7 +38,7 @@ def _runs(rank, world_size, processor, root):
             assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * abs(a["grad_norm"]), (a, b)
     # A run that generates its processor (rank 0 only) still builds the same weights on both ranks: debug_checks
     # compares every replicated parameter across the TP ranks after each step.
-    cfg = small_config(None, os.path.join(root, "generated"), tp=2, sequence_parallel=True, max_steps=1,
+    cfg = small_config(None, os.path.join(root, "generated"), tp=2, sequence_parallel=True, max_steps=1, warmup_steps=1,
                        debug_checks=True)
     trainer.train(cfg, parallel)
     for precision, sp in (("bf16", True), ("fp32", False)):
