@@ -33,6 +33,7 @@ class AttentionContext:
     vision_mask: bool [B, L] over all keys (L = cached + N). key_padding_mask: bool [B, L] or None.
     cache: the bridge KV cache, the static text cache or None. decode_slot: int64 [] (on the device) on a text
     decoding step with the static cache: the slot the new tokens (all text, one per row) are written to.
+    document_ids: int [B, N] for packed rows (attention never crosses documents) or None.
     """
 
     layout: ModalityLayout
@@ -42,6 +43,7 @@ class AttentionContext:
     key_padding_mask: torch.Tensor | None
     cache: BridgeKVCache | StaticBridgeKVCache | None = None
     decode_slot: torch.Tensor | None = None
+    document_ids: torch.Tensor | None = None
 
 
 class LibraAttention(nn.Module):
@@ -151,7 +153,7 @@ class LibraAttention(nn.Module):
             if ctx.cache is not None:
                 k, k_bridge, v, v_bridge = ctx.cache.update(self.layer_idx, k, k_bridge, v, v_bridge)
             out = bridge_attention(q, k, v, k_bridge, v_bridge, ctx.vision_mask, causal=True,
-                                   key_padding_mask=ctx.key_padding_mask,
+                                   key_padding_mask=ctx.key_padding_mask, document_ids=ctx.document_ids,
                                    backend=op_backend(self.backend, "bridge_attention"))
         out = layout.sort(out.reshape(batch, length, -1))
         if self.config.addition_mode:
