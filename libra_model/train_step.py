@@ -64,9 +64,8 @@ def forward_loss(model, batch: dict, target_counts: torch.Tensor | None, *, labe
                  z_loss_weight: float = 0.0) -> torch.Tensor:
     """The loss of one micro-batch (a dict with input_ids [C, B, N], vision_indices [B, N], labels [C, B, N] and
     optionally attention_mask, contiguous_signal, layout, document_ids (packed rows)): the model's forward without
-    logits, then
-    ``model.loss`` on its head inputs with ``target_counts`` (None: the micro-batch's own Libra mean; int [C]:
-    its share of the step's global loss) and the loss options. Float32 scalar (float64 for a float64 model)."""
+    logits, then ``model.loss`` on its head inputs with ``target_counts`` (None: the micro-batch's own Libra mean;
+    int [C]: its share of the step's global loss) and the loss options. Float32 scalar (float64 for a float64 model)."""
     for key in BATCH_KEYS:
         if key not in batch:
             raise ValueError(f"forward_loss: the batch has no {key!r}")
