@@ -145,11 +145,11 @@ def run_command(args: argparse.Namespace) -> int:
     import os
 
     from libra_model.data.loader import SkipStats
-    from libra_model.eval.predict import EvalItem, beam_kwargs, predict
+    from libra_model.eval.predict import EvalItem, decoding_kwargs, predict
     from libra_model.model import LibraForCausalLM
     from libra_model.processor import LibraProcessor
 
-    beam_kwargs(args.num_beams)  # fail before loading anything when beams are not available
+    decoding_kwargs(args.num_beams, torch.device(args.device))  # a bad --num-beams fails before anything loads
     if args.task == "caption":
         dataset = load_caption_set(args.annotations)
         check_scorer_available()

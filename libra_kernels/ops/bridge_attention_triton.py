@@ -1,4 +1,5 @@
-"""Triton kernels of bridge attention: a FlashAttention-2 style forward and backward (DESIGN.md §4).
+"""Triton kernels of bridge attention: a FlashAttention-2 style forward and backward
+(docs/operators.md, bridge_attention).
 
 Forward: one program per (query block, head, batch row); online softmax in float32 (float64 for float64 input)
 over the key tiles, log-sum-exp saved. Backward: a dq kernel (one program per query block, which also writes
@@ -8,21 +9,26 @@ heads that share it), both recomputing the probabilities from the saved log-sum-
 A (query block, key tile) pair with queries and keys all of one modality has no cross-modal pair and does exactly
 FlashAttention's work. Any other tile adds the bridge terms with a second product per step, masked by the pair
 indicator c_ij: s += c * (q kb^T) and o += (c * p) vb (in the backward likewise for dP, dq, dk_bridge, dv_bridge).
-The bridge work sits in branches beside the plain products, never instead of them, so the loads of k, v (q, dO in
-the backward) stay software-pipelined. (Attending to bridged keys k + [m_j != m] kb with one product, for tiles
-with one query modality, needs the key tile in registers: compiled for sm_90a that spilled and lost the pipelining.)
+In the forward and dq kernels the bridge work sits in branches beside the plain products, never instead of them,
+so the loads of k, v stay software-pipelined. (Attending to bridged keys k + [m_j != m] kb with one product, for
+tiles with one query modality, needs the walked key tile in registers: compiled for sm_90a that spilled and lost the
+pipelining. The dk/dv kernel does it with its own key block, which stays put.)
 
 How a tile's modality mix is known without a host sync: the launcher computes, on the device, a per-row running
 count of vision tokens ``counts[b, j] = #vision among positions < j`` ([B, Nk + 1] int32, one cumsum). In the kernel
 the number of vision tokens in positions [s, e) is counts[e] - counts[s]: two scalar loads, no reduction across the
-program. Zero means all text, e - s all vision, anything else mixed. Per-token flags are loaded on bridged tiles only.
+program. Zero means all text, e - s all vision, anything else mixed. Per-token flags are loaded on bridged tiles only
+(in the dk/dv kernel: on the query blocks a sweep computes).
 
 Causal tiles entirely above the diagonal are never visited (the loops stop at the last key a query block can see);
-tiles entirely below it skip the causal mask. The dk/dv kernel sweeps its query blocks twice, (dk, dv) over every
-tile, then (dk_bridge, dv_bridge) over the bridged tiles only, recomputing their probabilities: four [BLOCK_N, D]
-float32 accumulators at once do not fit the register file. The backward is deterministic: no atomics; the
-gradients of a shared key/value head (grouped-query attention) are summed in registers by the one program that owns
-its key block.
+tiles entirely below it skip the causal mask. The dk/dv kernel sweeps its query blocks once per query modality that
+sees the key block, with the keys and values as that modality sees them (k + [m_j != modality] k_bridge, formed once
+per sweep): each step is FlashAttention's four products with two [BLOCK_N, D] operands and two accumulators live, and
+the bridge gradients fall out of the sweep of the other modality. Query blocks of the other modality are walked with
+predicated loads that read nothing and contribute zero (no branch, so the loads stay software-pipelined). Padded
+keys are not masked per tile: a key's row of p^T only reaches its own gradients, zeroed once at the end. The
+backward is deterministic: no atomics; the gradients of a shared key/value head (grouped-query attention) are summed
+in registers by the one program that owns its key block, in one flat loop over (query head, query block).
 """
 
 import os
@@ -40,20 +46,66 @@ _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 
-def _configs(blocks: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, warps, stages) -> configs; under the interpreter a single small one (no benchmarking)."""
+# Autotuning candidates (BLOCK_M, BLOCK_N, warps, stages) per kernel and architecture, chosen from ahead-of-time
+# compilations for sm_80 and sm_90a at head dims 64 and 128 (ptxas registers and spills, shared memory, pipelined
+# loads: the table is in bench/NOTES.md, the check in tests/kernels/test_bridge_attention_compile.py); not yet timed
+# on a GPU. Rules the numbers gave: an MMA tile has 16 rows per warp, so BLOCK_M = 16 x warps in the dq kernel and
+# BLOCK_N = 16 x warps in the dk/dv kernel (more warps than 16-row slices replicate the other operand in every warp,
+# and ptxas spills kilobytes); the tile the loop walks over (the keys of the dq kernel, the queries of the dk/dv
+# kernel) is a B operand that every warp holds whole, 16 rows of it at head dim 128.
+_CANDIDATES = {
+    "fwd": {80: [(64, 64, 8, 3), (128, 32, 8, 3)], 90: [(64, 64, 8, 3), (128, 32, 8, 3)]},
+    "dq": {80: [(128, 16, 8, 3), (64, 16, 4, 3)], 90: [(128, 16, 8, 3), (128, 16, 8, 2)]},
+    "dkdv": {80: [(16, 64, 8, 2)], 90: [(16, 64, 8, 2)]},
+}
+ARCHITECTURES = (80, 90)  # compute capabilities the candidates are made for (sm_80: A100, sm_90a: H100/H200)
+KERNELS = tuple(_CANDIDATES)
+
+
+def _config(blocks: tuple[int, int, int, int]) -> triton.Config:
+    m, n, warps, stages = blocks
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+
+def _blocks(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _architecture(capability: int) -> int:
+    """The architecture whose candidates a GPU of compute capability ``capability`` (major * 10 + minor) gets: the
+    newest of ARCHITECTURES not above it (sm_86/sm_89 take sm_80's, sm_100 sm_90's), the oldest for older GPUs."""
+    return max((arch for arch in ARCHITECTURES if arch <= capability), default=ARCHITECTURES[0])
+
+
+def candidate_configs(kernel: str, capability: int) -> list[triton.Config]:
+    """The autotuning candidates of ``kernel`` ("fwd", "dq" or "dkdv") for a GPU of compute capability
+    ``capability`` (an int, major * 10 + minor: 80 for A100, 90 for H100), others mapped to the nearest older
+    architecture the candidates are made for (see ``ARCHITECTURES``)."""
+    if kernel not in _CANDIDATES:
+        raise ValueError(f"candidate_configs: kernel must be one of {KERNELS}, got {kernel!r}")
+    if isinstance(capability, bool) or not isinstance(capability, int) or capability <= 0:
+        raise TypeError(f"candidate_configs: capability must be a positive int (major * 10 + minor, e.g. 80 or 90), "
+                        f"got {capability!r}")
+    return [_config(blocks) for blocks in _CANDIDATES[kernel][_architecture(capability)]]
+
+
+def _tuning(kernel: str) -> dict:
+    """Autotuner arguments of ``kernel``: the candidates of every architecture, pruned at the first launch to those of
+    the launching GPU (so each GPU only tries its own); under the interpreter a single small tile (no benchmarking).
+    """
     if INTERPRETED:
-        blocks = [(16, 16, 1, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
+        return dict(configs=[_config((16, 16, 1, 1))])
+    blocks = sorted({b for arch in ARCHITECTURES for b in _CANDIDATES[kernel][arch]})
+
+    def prune(configs, named_args, **kwargs):
+        major, minor = torch.cuda.get_device_capability(named_args["Q"].device)
+        wanted = set(_CANDIDATES[kernel][_architecture(10 * major + minor)])
+        return [config for config in configs if _blocks(config) in wanted]
+
+    return dict(configs=[_config(b) for b in blocks], prune_configs_by={"early_config_prune": prune})
 
 
-# Candidates, chosen from ahead-of-time compilations for sm_90a and sm_80 (ptxas register and spill reports; not yet
-# timed on a GPU). Autotuning picks one per (key length bucket, head dim, causal, padding, dtype); configurations
-# that exceed a GPU's shared memory are skipped by the autotuner (the second dq one is for sm_80's smaller shared
-# memory). Few on purpose: each is a compilation of each kernel for each head count, head dim and dtype.
-FWD_CONFIGS = _configs([(64, 64, 8, 3), (128, 32, 8, 3)])
-DQ_CONFIGS = _configs([(64, 64, 8, 3), (32, 64, 4, 2)])
-DKDV_CONFIGS = _configs([(16, 64, 8, 3), (32, 64, 8, 3)])
+# Autotuning picks one candidate per (key length bucket, head dim, causal, padding, dtype).
 TUNE_KEY = ["n_bucket", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
 
 
@@ -65,11 +117,12 @@ def _tile_offsets(row_stride, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _load_rows(base, offs, start, n_rows, row_stride, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
-    """Rows [start, start + BLOCK) of a [n_rows, HEAD_DIM] slab with row stride ``row_stride``; zeros outside."""
+               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, live=True):
+    """Rows [start, start + BLOCK) of a [n_rows, HEAD_DIM] slab with row stride ``row_stride``; zeros outside and
+    where ``live`` (a scalar, or a [BLOCK, 1] per-row flag) is false: those elements are not read."""
     # The tile's start offset is an int64 scalar, so B·N·H·D beyond 2^31 is safe; in-tile offsets stay int32.
     ptrs = base + tl.cast(start, tl.int64) * row_stride + offs
-    mask = tl.arange(0, BLOCK)[:, None] < n_rows - start
+    mask = (tl.arange(0, BLOCK)[:, None] < n_rows - start) & live
     if BLOCK_D != HEAD_DIM:  # a head dim that is not a power of two: the upper lanes are padding
         mask = mask & (tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM)
     x = tl.load(ptrs, mask=mask, other=0.0)
@@ -165,7 +218,7 @@ def _causal_bounds(start_m, offset, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
     return full_hi, hi
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.autotune(key=TUNE_KEY, **_tuning("fwd"))
 @triton.jit
 def _bridge_fwd_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, LSE, n_queries, n_keys, scale_log2: tl.float64, n_bucket,
                        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -246,7 +299,7 @@ def _dq_tiles(dq, q, do, lse2, delta, q_pos, q_kind, vis_q, k_base, v_base, kb_b
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
+@triton.autotune(key=TUNE_KEY, **_tuning("dq"))
 @triton.jit
 def _bridge_dq_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, DO, LSE, DELTA, DQ, n_queries, n_keys, scale: tl.float64,
                       scale_log2: tl.float64, n_bucket, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
@@ -298,72 +351,69 @@ def _bridge_dq_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, DO, LSE, DELTA, DQ
 
 
 @triton.jit
-def _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, key_bias, scale_log2, MASKED: tl.constexpr, HAS_PAD: tl.constexpr):
-    """(p^T, ds^T) [BLOCK_N, BLOCK_M] from the raw transposed scores and dP^T of a tile (ds without the scale)."""
+def _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, scale_log2, MASKED: tl.constexpr):
+    """(p^T, ds^T) [BLOCK_N, BLOCK_M] from the raw transposed scores and dP^T of a tile (ds without the scale).
+    Padded keys are not masked here: a key's row of p^T only reaches its own gradients, which the kernel zeroes."""
     st *= scale_log2
     if MASKED:
         st = tl.where(k_pos[:, None] <= q_pos[None, :], st, float("-inf"))
-    if HAS_PAD:
-        st += key_bias[:, None]
     pt = tl.exp2(st - lse2[None, :])
     return pt, pt * (dpt - delta[None, :])
 
 
 @triton.jit
-def _dkdv_tiles(grad_k, grad_v, k, v, k_pos, k_kind, vis_k, key_bias, kb_base, vb_base, kv_row, kv_offs, start_n,
-                q_base, do_base, q_row, q_offs, lse_row, delta_row, vis_row, count_row, n_queries, n_keys, offset,
-                scale_log2, lo, hi,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
-                ACC: tl.constexpr, PRECISION: tl.constexpr, BRIDGE_GRADS: tl.constexpr):
-    """Accumulate one query head's blocks [lo, hi) into the key block's (dk, dv), or with BRIDGE_GRADS into its
-    (dk_bridge, dv_bridge), which only tiles with a cross-modal pair touch. Scores are transposed: [BLOCK_N, BLOCK_M].
-    """
-    for start_m in range(lo, hi, BLOCK_M):
+def _dkdv_tiles(grad_k, grad_v, k, v, k_pos, q_group, do_group, q_row, q_offs, lse_group, delta_group, vis_row,
+                count_row, n_queries, n_keys, offset, scale_log2, modality, lo, hi, GROUP: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate the contributions of the queries of one ``modality`` (0 text, 1 vision) in the query blocks
+    [lo, hi) of the GROUP query heads sharing the key/value head (pointers at the first: q_group, do_group of q/dO,
+    lse_group, delta_group of the statistics) into the key block's (grad_k, grad_v) [BLOCK_N, BLOCK_D]. One flat loop
+    over (head, block): nested loops carried more live values, and spilled. ``k``, ``v`` are the keys
+    and values as those queries see them (k + [m_j != modality] k_bridge, likewise v), so each step is FlashAttention's
+    work: four products. Blocks without a query of ``modality`` are skipped (their loads read nothing); in a mixed
+    block the other modality's rows get zero probability. Scores are transposed: [BLOCK_N, BLOCK_M]."""
+    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+    for step in range(0, GROUP * n_blocks):
+        g = step // n_blocks
+        start_m = lo + (step - g * n_blocks) * BLOCK_M
+        q_base = q_group + g * HEAD_DIM
+        do_base = do_group + g * HEAD_DIM
+        lse_row = lse_group + g * n_queries
+        delta_row = delta_group + g * n_queries
         rows = start_m + tl.arange(0, BLOCK_M)
         q_pos = offset + rows
         q_kind = _span_kind(count_row, offset + start_m, tl.minimum(offset + start_m + BLOCK_M, n_keys))
-        bridged = (q_kind == 2) | (k_kind != q_kind)
-        if BRIDGE_GRADS:
-            if bridged:
-                q = _load_rows(q_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
-                do = _load_rows(do_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
-                lse = tl.load(lse_row + rows, mask=rows < n_queries, other=float("-inf")).to(ACC)
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-                delta = tl.load(delta_row + rows, mask=rows < n_queries, other=0.0)
-                cross = vis_k[:, None] != tl.load(vis_row + q_pos, mask=rows < n_queries, other=0)[None, :]
-                kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-                vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-                st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
-                st += tl.where(cross, tl.dot(kb, tl.trans(q), input_precision=PRECISION, out_dtype=ACC), 0.0)
-                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-                dpt += tl.where(cross, tl.dot(vb, tl.trans(do), input_precision=PRECISION, out_dtype=ACC), 0.0)
-                pt, dst = _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, key_bias, scale_log2, MASKED, HAS_PAD)
-                grad_v = tl.dot(tl.where(cross, pt, 0.0).to(do.dtype), do, grad_v, input_precision=PRECISION,
-                                out_dtype=ACC)
-                grad_k = tl.dot(tl.where(cross, dst, 0.0).to(q.dtype), q, grad_k, input_precision=PRECISION,
-                                out_dtype=ACC)
-        else:
-            q = _load_rows(q_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
-            do = _load_rows(do_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST)
-            lse = tl.load(lse_row + rows, mask=rows < n_queries, other=float("-inf")).to(ACC)
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-            delta = tl.load(delta_row + rows, mask=rows < n_queries, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-            if bridged:  # the bridge changes the probabilities and dP of the cross-modal pairs
-                cross = vis_k[:, None] != tl.load(vis_row + q_pos, mask=rows < n_queries, other=0)[None, :]
-                kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-                vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-                st += tl.where(cross, tl.dot(kb, tl.trans(q), input_precision=PRECISION, out_dtype=ACC), 0.0)
-                dpt += tl.where(cross, tl.dot(vb, tl.trans(do), input_precision=PRECISION, out_dtype=ACC), 0.0)
-            pt, dst = _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, key_bias, scale_log2, MASKED, HAS_PAD)
-            grad_v = tl.dot(pt.to(do.dtype), do, grad_v, input_precision=PRECISION, out_dtype=ACC)
-            grad_k = tl.dot(dst.to(q.dtype), q, grad_k, input_precision=PRECISION, out_dtype=ACC)
+        live = (q_kind == modality) | (q_kind == 2)
+        # The loads sit outside the branch, predicated, so that they stay software-pipelined.
+        q = _load_rows(q_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST, live)
+        do = _load_rows(do_base, q_offs, start_m, n_queries, q_row, BLOCK_M, HEAD_DIM, BLOCK_D, UPCAST, live)
+        in_rows = (rows < n_queries) & live
+        lse = tl.load(lse_row + rows, mask=in_rows, other=float("-inf")).to(ACC)
+        vis_q = tl.load(vis_row + q_pos, mask=in_rows, other=0)
+        # lse2 = +inf gives p = 0: rows with no allowed key, past the end, or of the other modality.
+        lse2 = tl.where((lse == float("-inf")) | (vis_q != modality), float("inf"), lse * _LOG2E)
+        delta = tl.load(delta_row + rows, mask=in_rows, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
+        pt, dst = _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, scale_log2, MASKED)
+        grad_v = tl.dot(pt.to(do.dtype), do, grad_v, input_precision=PRECISION, out_dtype=ACC)
+        grad_k = tl.dot(dst.to(q.dtype), q, grad_k, input_precision=PRECISION, out_dtype=ACC)
     return grad_k, grad_v
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def _store_rows_where(base, offs, start, n_rows, row_stride, x, which, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """Store the rows of the [BLOCK, BLOCK_D] tile ``x`` where the bool [BLOCK] ``which`` holds."""
+    ptrs = base + tl.cast(start, tl.int64) * row_stride + offs
+    mask = (tl.arange(0, BLOCK)[:, None] < n_rows - start) & which[:, None]
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM)
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(key=TUNE_KEY, **_tuning("dkdv"))
 @triton.jit
 def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, DV, DKB, DVB, n_queries, n_keys,
                         scale: tl.float64, scale_log2: tl.float64, n_bucket, HEADS: tl.constexpr,
@@ -387,14 +437,8 @@ def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, D
 
     start_n = pid_n * BLOCK_N
     k_pos = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + kv_head, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
-    v = _load_rows(V + kv_head, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
     vis_k = tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)
     k_kind = _span_kind(count_row, start_n, tl.minimum(start_n + BLOCK_N, n_keys))
-    key_bias = tl.zeros([BLOCK_N], ACC)
-    if HAS_PAD:  # a padded key gets no probability, hence zero gradients
-        real = tl.load(PAD + b * n_keys + k_pos, mask=k_pos < n_keys, other=0)
-        key_bias = tl.where(real != 0, 0.0, float("-inf")).to(ACC)
 
     if CAUSAL:
         # Query i (key position i + offset) sees this block iff i + offset >= start_n; it sees all of it iff
@@ -404,31 +448,67 @@ def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, D
     else:
         first_m = 0
         full_m = 0
-    # Two sweeps over the query blocks, each with two [BLOCK_N, D] accumulators: (dk, dv) over every tile, then
-    # (dk_bridge, dv_bridge) over the tiles with a cross-modal pair only. One sweep with four accumulators would
-    # recompute nothing, but it does not fit the register file (ptxas spills kilobytes).
-    for bridge_grads in tl.static_range(2):
-        grad_k = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-        grad_v = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-        for g in range(group):
-            h = kvh * group + g
-            q_head = (b * n_queries * HEADS + h) * HEAD_DIM
-            stat_row = (b * HEADS + h) * n_queries
-            grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, k_kind, vis_k, key_bias, KB + kv_head,
-                                         VB + kv_head, kv_row, kv_offs, start_n, Q + q_head, DO + q_head, q_row,
-                                         q_offs, LSE + stat_row, DELTA + stat_row, vis_row, count_row, n_queries,
-                                         n_keys, offset, scale_log2, first_m, full_m, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                         BLOCK_N, True, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION, bridge_grads == 1)
-            grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, k_kind, vis_k, key_bias, KB + kv_head,
-                                         VB + kv_head, kv_row, kv_offs, start_n, Q + q_head, DO + q_head, q_row,
-                                         q_offs, LSE + stat_row, DELTA + stat_row, vis_row, count_row, n_queries,
-                                         n_keys, offset, scale_log2, full_m, n_queries, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                         BLOCK_N, False, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION, bridge_grads == 1)
-        if bridge_grads == 1:
-            _store_rows(DKB + kv_head, kv_offs, start_n, n_keys, kv_row, grad_k * scale, BLOCK_N, HEAD_DIM, BLOCK_D)
-            _store_rows(DVB + kv_head, kv_offs, start_n, n_keys, kv_row, grad_v, BLOCK_N, HEAD_DIM, BLOCK_D)
+    # Which query modalities see this block at all (a sweep without queries is skipped).
+    n_seen = n_keys - (offset + first_m)
+    n_seen_vision = tl.load(count_row + n_keys) - tl.load(count_row + offset + first_m)
+    # One sweep over the query blocks per query modality, with the keys and values as that modality sees them: two
+    # [BLOCK_N, D] operands and two accumulators live (holding k, v, k_bridge, v_bridge and a bridge sweep does not
+    # fit the register file at head dim 128). For key j the sweep of its own modality gives part of dk_j, the other
+    # sweep gives dk_bridge_j and the rest of dk_j (likewise dv). The other modality goes first: then a block of one
+    # modality keeps one accumulator running through both sweeps and writes each gradient once. A mixed block keeps
+    # the first sweep's part of its rows of that modality in DK/DV and adds it at the end (same program: no atomics).
+    first = tl.where(k_kind == 0, 1, 0)
+    grad_k = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    grad_v = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for sweep in tl.static_range(2):
+        modality = first if sweep == 0 else 1 - first
+        n_modality = tl.where(modality == 1, n_seen_vision, n_seen - n_seen_vision)
+        bridged_rows = vis_k != modality
+        if n_modality > 0:
+            k = _load_rows(K + kv_head, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            v = _load_rows(V + kv_head, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            # k + [m_j != modality] k_bridge: the bridge rows of this modality's keys are never read.
+            k += _load_rows(KB + kv_head, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST,
+                            bridged_rows[:, None])
+            v += _load_rows(VB + kv_head, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST,
+                            bridged_rows[:, None])
+            q_group = (b * n_queries * HEADS + kvh * group) * HEAD_DIM
+            stat_group = (b * HEADS + kvh * group) * n_queries
+            grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, Q + q_group, DO + q_group, q_row, q_offs,
+                                         LSE + stat_group, DELTA + stat_group, vis_row, count_row, n_queries, n_keys,
+                                         offset, scale_log2, modality, first_m, full_m, group, HEAD_DIM, BLOCK_D,
+                                         BLOCK_M, True, UPCAST, ACC, PRECISION)
+            grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, Q + q_group, DO + q_group, q_row, q_offs,
+                                         LSE + stat_group, DELTA + stat_group, vis_row, count_row, n_queries, n_keys,
+                                         offset, scale_log2, modality, full_m, n_queries, group, HEAD_DIM, BLOCK_D,
+                                         BLOCK_M, False, UPCAST, ACC, PRECISION)
+            if HAS_PAD:  # a padded key gets no probability, hence zero gradients
+                real = tl.load(PAD + b * n_keys + k_pos, mask=k_pos < n_keys, other=0)
+                grad_k = tl.where(real[:, None] != 0, grad_k, 0.0)
+                grad_v = tl.where(real[:, None] != 0, grad_v, 0.0)
+        # Rows whose modality differs from this sweep's: what this sweep added is their whole bridge gradient.
+        _store_rows_where(DKB + kv_head, kv_offs, start_n, n_keys, kv_row, grad_k * scale, bridged_rows, BLOCK_N,
+                          HEAD_DIM, BLOCK_D)
+        _store_rows_where(DVB + kv_head, kv_offs, start_n, n_keys, kv_row, grad_v, bridged_rows, BLOCK_N, HEAD_DIM,
+                          BLOCK_D)
+        if sweep == 0:
+            # Rows of the first sweep's modality (only in a mixed block): park their part, restart them at zero.
+            _store_rows_where(DK + kv_head, kv_offs, start_n, n_keys, kv_row, grad_k * scale, ~bridged_rows, BLOCK_N,
+                              HEAD_DIM, BLOCK_D)
+            _store_rows_where(DV + kv_head, kv_offs, start_n, n_keys, kv_row, grad_v, ~bridged_rows, BLOCK_N,
+                              HEAD_DIM, BLOCK_D)
+            grad_k = tl.where(bridged_rows[:, None], grad_k, 0.0)
+            grad_v = tl.where(bridged_rows[:, None], grad_v, 0.0)
         else:
-            _store_rows(DK + kv_head, kv_offs, start_n, n_keys, kv_row, grad_k * scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+            # ~bridged_rows are now the first sweep's bridged rows, whose dk/dv ran through both sweeps; the others
+            # add the part parked in DK/DV by this program (the barrier makes its stores visible to all its threads).
+            tl.debug_barrier()
+            parked = bridged_rows[:, None]
+            grad_k = grad_k * scale + _load_rows(DK + kv_head, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM,
+                                                 BLOCK_D, False, parked).to(ACC)
+            grad_v = grad_v + _load_rows(DV + kv_head, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                         False, parked).to(ACC)
+            _store_rows(DK + kv_head, kv_offs, start_n, n_keys, kv_row, grad_k, BLOCK_N, HEAD_DIM, BLOCK_D)
             _store_rows(DV + kv_head, kv_offs, start_n, n_keys, kv_row, grad_v, BLOCK_N, HEAD_DIM, BLOCK_D)
 
 

@@ -1,5 +1,5 @@
 """Decoding with the bridge KV cache: incremental logits equal a full forward, greedy generation equals a loop of
-full forwards without a cache, and the decoding rules of LIBRA.md §9 / §12.15-17."""
+full forwards without a cache, and the decoding rules of docs/model.md §9."""
 
 import pytest
 import torch
@@ -85,7 +85,7 @@ def test_greedy_generation_equals_full_forward_loop():
 
 
 def image_prompt(config, batch=2):
-    """<s> w w BOI: generation continues inside an image (LIBRA.md §9.1 and issue #2)."""
+    """<s> w w BOI: generation continues inside an image (docs/model.md §9)."""
     ids = torch.randint(3, config.vocab_size, (batch, 4))
     ids[:, 0] = config.bos_token_id
     ids = ids[None].repeat(config.vision_codebook_num, 1, 1)
