@@ -318,6 +318,10 @@ class LibraForCausalLM(nn.Module):
             padding = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
             vision_all, padding_all = cache.begin(layout.vision_mask, padding)
             return AttentionContext(layout, cos, sin, vision_all, padding_all, cache)
+        if document_ids is not None:
+            # Padding is document -1, which no query attends: the padding mask adds nothing (and the fused kernel's
+            # document variant is built and checked without it).
+            mask = None
         return AttentionContext(layout, cos, sin, layout.vision_mask, mask, None, document_ids=document_ids)
 
     # ------------------------------------------------------------------------------------------ heads

@@ -151,27 +151,19 @@ def _triton_unavailable(device: torch.device) -> str:
             "is imported")
 
 
-TRITON_NO_DOCUMENTS = ("the 'triton' kernel does not take document_ids (packed rows) yet; use backend='torch' or "
-                       "'auto' (which runs packed batches on the torch kernel)")
-
-
 def _forward_triton(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask,
                     document_ids=None):
-    if document_ids is not None:
-        raise ValueError(f"{OP}: {TRITON_NO_DOCUMENTS}")
     # Inputs the fused kernels do not take (head dims above 128, float64 on a GPU) use the torch kernel: same
     # outputs, same lse, so either backward applies.
     impl = _triton.bridge_attention_forward if _triton.supports(q) else _forward_torch
-    return impl(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask)
+    return impl(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask, document_ids)
 
 
 def _backward_triton(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse, causal,
                      softmax_scale, needs, document_ids=None):
-    if document_ids is not None:
-        raise ValueError(f"{OP}: {TRITON_NO_DOCUMENTS}")
     impl = _triton.bridge_attention_backward if _triton.supports(q) else _backward_torch
     return impl(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse, causal,
-                softmax_scale, needs)
+                softmax_scale, needs, document_ids)
 
 
 TABLE = KernelTable(OP, auto_order={"cuda": ("triton",)})
@@ -292,8 +284,8 @@ def bridge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bridge
         document_ids: int32/int64 [B, Nk] or None: packed rows, the document of each token within its row
             (numbered from 0 in row order, -1 at padding). A query attends only keys of its own document; padding
             keys are never attended. Not checked for values (no device-to-host read): ids must be non-decreasing
-            along each row, padding last. The "triton" kernel does not take them yet (a ValueError); "auto" then
-            runs the torch kernel.
+            along each row, padding last. The "triton" kernels skip the key tiles (and, in the backward, the query
+            blocks) that hold no same-document pair, from per-row document starts and ends computed on the device.
         backend: "auto", "torch" or "triton". "triton" (the default on CUDA) is the fused FlashAttention-2 style
             kernel: head dims up to 128 and float16/bfloat16/float32 (other inputs run the torch kernel); its
             backward is deterministic (no atomics; gradients of shared GQA heads are summed in one program). It
@@ -304,9 +296,5 @@ def bridge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bridge
     _validate(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask, document_ids)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     name = TABLE.resolve(backend, q.device)
-    if document_ids is not None and name == "triton":
-        if backend != "auto":
-            raise ValueError(f"{OP}: {TRITON_NO_DOCUMENTS}")
-        name = "torch"  # "auto" on CUDA: packed batches run the torch kernel until the fused one takes documents
     return bridge_attention_op(q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, document_ids, causal,
                                scale, name)[0]

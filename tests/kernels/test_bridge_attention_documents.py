@@ -62,10 +62,13 @@ CASES = {
     # fills its row, padding at the end, a row of padding only
     "mixed": ([[5, 1, 4], [13], [1, 1, 1, 1], []], 13),
     "odd": ([[2, 7, 3], [6, 6]], 13),
+    # several 16-key tiles (the interpreter's tile): tiles with no same-document pair are skipped, boundaries
+    # inside tiles are masked
+    "tiles": ([[20, 3, 17, 9], [1, 40, 5], [49], [7, 33]], 49),
 }
 
 
-@pytest.mark.parametrize("backend", ["torch"])  # the triton kernel refuses document_ids (tested below)
+@pytest.mark.parametrize("backend", BRIDGE_ATTENTION)
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("mix", ["random", "text", "vision"])
 @pytest.mark.parametrize("gqa", [(4, 4), (4, 2)])
@@ -128,9 +131,14 @@ def test_bad_document_ids():
         bridge_attention(*tensors, vision_mask, document_ids=torch.zeros(1, 4, dtype=torch.int64), backend="torch")
 
 
-@pytest.mark.skipif("triton" not in BRIDGE_ATTENTION, reason="the triton backend cannot run here")
-def test_triton_refuses_document_ids_and_auto_falls_back():
-    tensors, vision_mask = random_inputs(1, 5, 2, 2, 4, "random", seed=0)
-    ids = torch.zeros(1, 5, dtype=torch.int64)
-    with pytest.raises(ValueError, match="document_ids"):
-        bridge_attention(*tensors, vision_mask, document_ids=ids, backend="triton")
+@pytest.mark.parametrize("backend", [b for b in BRIDGE_ATTENTION if b != "torch"])
+def test_non_causal_documents_match_the_torch_kernel(backend):
+    rows, length = [[20, 3, 17, 9], [1, 40, 5]], 49
+    document_ids = document_ids_from_lengths(rows, length)
+    tensors, vision_mask = random_inputs(2, length, 4, 2, 8, "random", seed=9)
+    out = bridge_attention(*tensors, vision_mask, causal=False, document_ids=document_ids, backend=backend)
+    ref = bridge_attention(*tensors, vision_mask, causal=False, document_ids=document_ids, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, tensors, grad), torch.autograd.grad(ref, tensors, grad)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
