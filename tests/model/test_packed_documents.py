@@ -7,6 +7,7 @@ import pytest
 import torch
 from model_fixtures import make_batch, randomize_parameters
 
+from libra_kernels.ops import bridge_attention
 from libra_model.config import LibraConfig
 from libra_model.model import LibraForCausalLM
 
@@ -64,7 +65,11 @@ def forward(model, batch, packed):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+BACKENDS = ["torch", "auto"] + ([{"bridge_attention": "triton"}] if not
+                                 bridge_attention.TABLE.get("triton").unavailable(torch.device("cpu")) else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("overrides", [{}, {"use_2d_rope": True}, {"use_2d_rope": True, "vision_prediction_mode": "2d"},
                                        {"num_key_value_heads": 2}])
 def test_packed_rows_equal_the_documents_alone(backend, overrides):
