@@ -4,13 +4,14 @@ Instruction-tuning samples are mostly far shorter than the row, so a padded batc
 padding. :class:`PackedLoader` reads a buffer of encoded samples in the sampler's order, places them into rows by
 first-fit decreasing (longest first, each into the first row with room; ties broken by the order in the buffer, so
 the result depends only on the buffer) and hands out batches of ``micro_batch_size`` rows. A sample is never split:
-it is whole in one row (the encoder already truncated it to ``max_length``, keeping images whole or dropping them),
+it is whole in one row (the encoder already truncated it to ``max_length``; an image it cuts stays in its sample),
 so no image crosses a document or a row.
 
-:class:`PackedCollate` turns rows of samples into the host batch of :class:`~libra_model.data.pipeline.HostCollate`
-plus ``document_ids`` int64 [B, N] (the document of each token within its row, from 0; -1 at padding) and
-``num_documents``; the model then keeps attention, RoPE positions and labels inside each document. The first
-position of every document is never a target (it is BOS, and would be predicted from the previous document).
+:class:`PackedCollate` turns rows of samples into the host batch of a
+:class:`~libra_model.data.pipeline.HostCollate` plus ``document_ids`` int64 [B, N] (the document of each token within
+its row, from 0; -1 at padding) and ``num_documents``; the model then keeps attention, RoPE positions and labels
+inside each document. The first position of every document is never a target (it is BOS, and would be predicted
+from the previous document).
 
 Resuming is exact: the state is the sampler state and skip counts from before the current buffer was read, plus the
 number of its rows already handed out; a resumed loader re-reads the same buffer, packs it the same way and skips
@@ -24,7 +25,6 @@ from collections import Counter
 import torch
 
 from libra_model.data.loader import SampleError, SkipStats
-from libra_model.data.pipeline import HostCollate
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -72,16 +72,20 @@ def concatenate_samples(samples):
     return row, documents
 
 
-class PackedCollate(HostCollate):
-    """Rows (lists of ``EncodedSample``) -> the validated host batch of :class:`HostCollate` (right padding) plus
-    ``document_ids`` int64 [B, N] (-1 at padding) and ``num_documents`` (an int)."""
+class PackedCollate:
+    """Rows (lists of ``EncodedSample``) -> the validated host batch of ``collate`` (a
+    :class:`~libra_model.data.pipeline.HostCollate`: right padding, the layout) plus ``document_ids`` int64 [B, N]
+    (-1 at padding) and ``num_documents`` (an int)."""
+
+    def __init__(self, collate):
+        self.collate = collate
 
     def __call__(self, rows) -> dict:
         """Concatenate each row's documents, collate, and attach ``document_ids``."""
         if not rows or not all(rows):
             raise ValueError("PackedCollate: rows must be a non-empty list of non-empty lists of samples")
         joined = [concatenate_samples(row) for row in rows]
-        batch = super().__call__([row for row, _ in joined])
+        batch = self.collate([row for row, _ in joined])
         document_ids = torch.full(batch["vision_indices"].shape, -1, dtype=torch.int64)
         for b, (_, ids) in enumerate(joined):
             document_ids[b, :ids.shape[0]] = ids

@@ -160,6 +160,7 @@ def build_loader(source, processor, *, micro_batch_size: int, seed: int, dp_rank
         if prefetch:
             raise ValueError("build_loader: pack_sequences does not prefetch; set prefetch=0")
         return PackedLoader(encoded, sampler, micro_batch_size, max_length,
-                            PackedCollate(processor, pad_to_multiple_of), buffer_size=pack_buffer, stats=encoded.stats)
+                            PackedCollate(HostCollate(processor, pad_to_multiple_of)), buffer_size=pack_buffer,
+                            stats=encoded.stats)
     return ResumableLoader(encoded, sampler, micro_batch_size, collate=HostCollate(processor, pad_to_multiple_of),
                            stats=encoded.stats, prefetch=prefetch)
