@@ -265,7 +265,7 @@ class LibraForCausalLM(nn.Module):
                 contiguous_signal: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 return_logits: bool | None = None, layout: ModalityLayout | None = None,
                 past_key_values: BridgeKVCache | None = None, position_ids: torch.Tensor | None = None,
-                ignore_index: int = IGNORE_INDEX) -> LibraOutput:
+                ignore_index: int = IGNORE_INDEX, document_ids: torch.Tensor | None = None) -> LibraOutput:
         """Run the model.
 
         Args:
@@ -281,6 +281,10 @@ class LibraForCausalLM(nn.Module):
             layout: a precomputed ModalityLayout of ``vision_indices`` (from the collator) or None.
             past_key_values: a BridgeKVCache to read and extend (incremental decoding) or None.
             position_ids: int64 [B, N] (or [B, 2, N] with use_2d_rope) to override the computed positions.
+            document_ids: int [B, N] or None: packed rows (training only, no cache), the document of each token
+                within its row numbered from 0 in row order, -1 at padding. Attention never crosses documents,
+                RoPE positions (1d and 2d) restart at each document and no label is predicted across a boundary,
+                so every document computes what it would alone. Images must not be split between documents.
         Returns:
             LibraOutput with ``loss`` (when labels are given), ``logits`` (when asked), the sorted final hidden
             states and the layout.
@@ -288,17 +292,18 @@ class LibraForCausalLM(nn.Module):
         config = self.config
         _check_inputs(config, input_ids, vision_indices, attention_mask, contiguous_signal, labels, layout,
                       self.check_input_values)
+        _check_document_ids(document_ids, vision_indices, past_key_values)
         if layout is None:
             layout = ModalityLayout.from_vision_indices(vision_indices, config.max_vision_token_length)
         cache = past_key_values
-        ctx = self._attention_context(vision_indices, attention_mask, layout, cache, position_ids)
+        ctx = self._attention_context(vision_indices, attention_mask, layout, cache, position_ids, document_ids)
         hidden = self.model(input_ids, layout, ctx, contiguous_signal)
         head_inputs = self._head_inputs(hidden, layout, vision_indices, cache)
         if cache is not None:
             cache.end()
         loss = None
         if labels is not None:
-            loss = self.loss(head_inputs, layout, labels, ignore_index=ignore_index)
+            loss = self.loss(head_inputs, layout, labels, ignore_index=ignore_index, document_ids=document_ids)
         if return_logits is None:
             return_logits = labels is None
         logits = self.logits(head_inputs, layout) if return_logits else None
@@ -316,16 +321,18 @@ class LibraForCausalLM(nn.Module):
                                           self.config.image_feature_resolution)
         return layout.sort(predictors)
 
-    def _attention_context(self, vision_indices, attention_mask, layout, cache, position_ids) -> AttentionContext:
+    def _attention_context(self, vision_indices, attention_mask, layout, cache, position_ids,
+                           document_ids=None) -> AttentionContext:
         config = self.config
         batch, length = layout.shape
         device = vision_indices.device
         mask = None if attention_mask is None else attention_mask != 0
         start = cache.rope_start if cache is not None and cache.length else None
         if config.use_2d_rope:
-            computed, running = libra_2d_position_ids(vision_indices, config.image_feature_resolution, mask, start)
+            computed, running = libra_2d_position_ids(vision_indices, config.image_feature_resolution, mask, start,
+                                                      document_ids)
         else:
-            computed = libra_1d_position_ids(mask, batch, length, device, start)
+            computed = libra_1d_position_ids(mask, batch, length, device, start, document_ids)
             running = computed.new_full((batch,), length) if mask is None else mask.sum(-1)
             if start is not None:
                 running = running + start
@@ -340,7 +347,11 @@ class LibraForCausalLM(nn.Module):
             padding = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
             vision_all, padding_all = cache.begin(layout.vision_mask, padding)
             return AttentionContext(layout, cos, sin, vision_all, padding_all, cache)
-        return AttentionContext(layout, cos, sin, layout.vision_mask, mask, None,
+        if document_ids is not None:
+            # Padding is document -1, which no query attends: the padding mask adds nothing (and the fused kernel's
+            # document variant is built and checked without it).
+            mask = None
+        return AttentionContext(layout, cos, sin, layout.vision_mask, mask, None, document_ids=document_ids,
                                 sequence_shard=self.sequence_shard(layout))
 
     # ------------------------------------------------------------------------------------------ heads
@@ -351,22 +362,41 @@ class LibraForCausalLM(nn.Module):
         return weight if width == weight.shape[1] else F.pad(weight, (0, width - weight.shape[1]))
 
     @staticmethod
-    def shift_labels(labels: torch.Tensor, layout: ModalityLayout, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    def mask_document_starts(labels: torch.Tensor, document_ids: torch.Tensor | None,
+                             ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        """Unshifted labels [C, B, N] with ``ignore_index`` at the first position of every document of packed rows
+        (``document_ids`` [B, N]; unchanged when None): such a label would be predicted from the previous
+        document's last token."""
+        if document_ids is None:
+            return labels
+        start = torch.zeros_like(document_ids, dtype=torch.bool)
+        start[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        return labels.masked_fill(start.to(labels.device)[None], ignore_index)
+
+    @staticmethod
+    def shift_labels(labels: torch.Tensor, layout: ModalityLayout, ignore_index: int = IGNORE_INDEX,
+                     document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Unshifted labels int64 [C, B, N] -> the loss's targets [C, T] in sorted order: position n predicts label
-        n+1 (in sequence order, like HF), the last position of each sequence gets ``ignore_index``."""
+        n+1 (in sequence order, like HF), the last position of each sequence (and, with ``document_ids``, of each
+        packed document) gets ``ignore_index``."""
+        labels = LibraForCausalLM.mask_document_starts(labels, document_ids, ignore_index)
         codebooks, batch, length = labels.shape
         shifted = torch.cat([labels[..., 1:], labels.new_full((codebooks, batch, 1), ignore_index)], dim=-1)
         return shifted.reshape(codebooks, batch * length).index_select(1, layout.sort_index.to(labels.device))
 
     @staticmethod
-    def target_counts(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    def target_counts(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """int64 [C]: the number of valid (not ignored) targets of each codebook row of unshifted labels
-        [C, B, N] (the first position of a sequence is never a target). Stays on the labels' device."""
+        [C, B, N] (the first position of a sequence, and of each packed document, is never a target). Stays on
+        the labels' device."""
+        labels = LibraForCausalLM.mask_document_starts(labels, document_ids, ignore_index)
         return (labels[..., 1:] != ignore_index).sum(dim=(1, 2))
 
     def loss(self, hidden: torch.Tensor, layout: ModalityLayout, labels: torch.Tensor,
              ignore_index: int = IGNORE_INDEX, *, target_counts: torch.Tensor | None = None, reduction: str = "mean",
-             label_smoothing: float = 0.0, z_loss_weight: float = 0.0) -> torch.Tensor:
+             label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
+             document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Libra's loss (docs/model.md) from the sorted head inputs [T, width] (``LibraOutput.head_inputs``) and
         unshifted labels int64 [C, B, N]: :meth:`shift_labels`, then the fused discrete-token cross entropy (the
         text head, zero-padded to the width in "2d" mode, on text rows; codebook c's head on vision rows).
@@ -379,6 +409,7 @@ class LibraForCausalLM(nn.Module):
             reduction: "mean" (Libra's loss: per codebook row, the mean over its valid targets, then the mean
                 over rows), "sum" or "none" ([C, T] per target, sorted order, 0 where ignored).
             label_smoothing, z_loss_weight: passed to the loss operator.
+            document_ids: int [B, N] of packed rows or None: no target across a document boundary.
         Returns:
             float32 (float64 for a float64 model): a scalar, or [C, T] for "none". Label values are checked (one
             device-to-host read) unless ``check_input_values`` is False.
@@ -393,7 +424,7 @@ class LibraForCausalLM(nn.Module):
                     or target_counts.dtype.is_floating_point:
                 raise ValueError(f"LibraForCausalLM.loss: target_counts must be an integer tensor [C={codebooks}] "
                                  "(LibraForCausalLM.target_counts of the whole batch)")
-        targets = self.shift_labels(labels, layout, ignore_index)
+        targets = self.shift_labels(labels, layout, ignore_index, document_ids)
         grid = discrete_token_cross_entropy(
             hidden, layout.n_text, self._text_head_weight(hidden.shape[-1]), self.vision_lm_head.stacked_weight(),
             targets, ignore_index=ignore_index, reduction="none" if target_counts is not None else reduction,
@@ -484,6 +515,24 @@ def init_from_llama(llama_dir, **kwargs) -> LibraForCausalLM:
     """``LibraForCausalLM.from_llama(llama_dir, **kwargs)`` (keyword arguments: dtype, device, backend,
     copy_eos_to_pad, config overrides for the vision side)."""
     return LibraForCausalLM.from_llama(llama_dir, **kwargs)
+
+
+def _check_document_ids(document_ids, vision_indices, cache) -> None:
+    """Type, shape and device of the packed-row ``document_ids`` (values are the collator's job: no host read)."""
+    if document_ids is None:
+        return
+    name = "LibraForCausalLM"
+    if not isinstance(document_ids, torch.Tensor) or document_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: document_ids must be an int32/int64 tensor [B, N] (-1 at padding) or None")
+    if document_ids.shape != vision_indices.shape:
+        raise ValueError(f"{name}: document_ids must be [B, N] = {tuple(vision_indices.shape)} like vision_indices, "
+                         f"got {tuple(document_ids.shape)}")
+    if document_ids.device != vision_indices.device:
+        raise ValueError(f"{name}: document_ids is on {document_ids.device}, vision_indices on "
+                         f"{vision_indices.device}")
+    if cache is not None:
+        raise ValueError(f"{name}: document_ids (packed rows) is a training input; decoding with past_key_values "
+                         "takes one sequence per row")
 
 
 def _check_inputs(config: LibraConfig, input_ids, vision_indices, attention_mask, contiguous_signal, labels,

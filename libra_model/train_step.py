@@ -63,16 +63,18 @@ def global_target_counts(model, label_batches: list[torch.Tensor], dp_group) -> 
 def forward_loss(model, batch: dict, target_counts: torch.Tensor | None, *, label_smoothing: float = 0.0,
                  z_loss_weight: float = 0.0) -> torch.Tensor:
     """The loss of one micro-batch (a dict with input_ids [C, B, N], vision_indices [B, N], labels [C, B, N] and
-    optionally attention_mask, contiguous_signal, layout): the model's forward without logits, then
-    ``model.loss`` on its head inputs with ``target_counts`` (None: the micro-batch's own Libra mean; int [C]:
-    its share of the step's global loss) and the loss options. Float32 scalar (float64 for a float64 model)."""
+    optionally attention_mask, contiguous_signal, layout, document_ids (packed rows)): the model's forward without
+    logits, then ``model.loss`` on its head inputs with ``target_counts`` (None: the micro-batch's own Libra mean;
+    int [C]: its share of the step's global loss) and the loss options. Float32 scalar (float64 for a float64 model)."""
     for key in BATCH_KEYS:
         if key not in batch:
             raise ValueError(f"forward_loss: the batch has no {key!r}")
+    documents = batch.get("document_ids")  # packed rows, or None
     out = model(batch["input_ids"], batch["vision_indices"], attention_mask=batch.get("attention_mask"),
-                contiguous_signal=batch.get("contiguous_signal"), return_logits=False, layout=batch.get("layout"))
+                contiguous_signal=batch.get("contiguous_signal"), return_logits=False, layout=batch.get("layout"),
+                document_ids=documents)
     return model.loss(out.head_inputs, out.layout, batch["labels"], target_counts=target_counts,
-                      label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
+                      label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, document_ids=documents)
 
 
 def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: float, max_grad_norm: float | None = 1.0,
@@ -95,7 +97,8 @@ def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: flo
     dp = tp_world_size(parallel.dp_group)
     counts = None
     if normalization == "global_tokens":
-        counts = global_target_counts(model, [b["labels"] for b in micro_batches], parallel.dp_group)
+        labels = [model.mask_document_starts(b["labels"], b.get("document_ids")) for b in micro_batches]
+        counts = global_target_counts(model, labels, parallel.dp_group)
     weight = 1.0 / (len(micro_batches) * dp)
     # Loss and token count stay on the device until one transfer at the end of the step (no per-micro-batch sync).
     totals = torch.zeros(2, dtype=torch.float64, device=parallel.device)

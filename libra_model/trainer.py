@@ -61,6 +61,8 @@ class TrainConfig:
     max_length: int | None = None  # truncation after image splicing (700 in pretraining, 2048 in SFT)
     caption_eos: bool = True  # end captions with a target EOS so generation stops (the paper's pretraining: false)
     prefetch: int = 0
+    pack_sequences: bool = False  # pack samples into rows of max_length tokens (null: max_position_embeddings)
+    pack_buffer: int = 256  # samples packed together (first-fit decreasing within the buffer)
     # optimisation
     max_steps: int = 800
     global_batch_size: int = 32
@@ -177,13 +179,17 @@ class TrainConfig:
         from libra_model.modules.recompute import check_mode
 
         check_mode(self.activation_checkpointing)
+        if self.pack_sequences and self.prefetch:
+            raise ValueError("TrainConfig: pack_sequences needs prefetch 0 (the packer reads its buffer in order)")
+        if isinstance(self.pack_buffer, bool) or not isinstance(self.pack_buffer, int) or self.pack_buffer <= 0:
+            raise ValueError(f"TrainConfig: pack_buffer must be a positive int, got {self.pack_buffer!r}")
         if self.init_libra and self.init_llama:
             raise ValueError("TrainConfig: give init_libra or init_llama, not both")
         from libra_model.data.pipeline import DATASETS
 
         if self.dataset not in DATASETS:
             raise ValueError(f"TrainConfig: dataset must be one of {DATASETS}, got {self.dataset!r}")
-        for name in ("caption_eos", "frozen_language", "sequence_parallel", "save_frozen", "resume",
+        for name in ("caption_eos", "frozen_language", "sequence_parallel", "pack_sequences", "save_frozen", "resume",
                      "resume_fresh_if_none", "export_hf", "tensorboard", "debug_checks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig: {name} must be true or false, got {getattr(self, name)!r}")
@@ -265,6 +271,15 @@ def step_flops(config: LibraConfig, n_text: int, n_vision: int, sequences: list[
     flops += text_mult * n_text * hidden * config.vocab_size
     flops += 6 * n_vision * hidden * (config.vision_vocab_size * config.vision_codebook_num + 2 * hidden)
     return flops / tp
+
+
+def document_lengths(host: dict) -> list[int]:
+    """Real tokens of each sequence of a host batch (each packed document separately, attention stays inside it)."""
+    documents = host.get("document_ids")
+    if documents is None:
+        return host["attention_mask"].sum(-1).tolist()
+    counts = torch.stack([(documents == d).sum(-1) for d in range(int(documents.max()) + 1)])
+    return [n for n in counts.flatten().tolist() if n]
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
@@ -499,9 +514,12 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
     source = build_source(cfg.dataset, shards=cfg.data_shards, annotation_file=cfg.data_annotation_file,
                           image_root=cfg.data_image_root, num_samples=cfg.data_num_samples, image_size=image_size,
                           seed=cfg.seed, stats=stats)
+    # Packed rows are max_length tokens long; without a max_length, as long as the model's positions reach.
+    max_length = cfg.max_length or (config.max_position_embeddings if cfg.pack_sequences else None)
     loader = build_loader(source, processor, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed,
-                          dp_rank=parallel.dp_rank, dp_size=parallel.dp, max_length=cfg.max_length,
-                          prefetch=cfg.prefetch, caption_eos=cfg.caption_eos)
+                          dp_rank=parallel.dp_rank, dp_size=parallel.dp, max_length=max_length,
+                          prefetch=cfg.prefetch, caption_eos=cfg.caption_eos, pack_sequences=cfg.pack_sequences,
+                          pack_buffer=cfg.pack_buffer)
 
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     start_step, last_checkpoint = 0, None
@@ -580,7 +598,7 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
         for _ in range(accum):
             host = next(loader)
             layout = host["layout"]
-            lengths = host["attention_mask"].sum(-1).tolist()
+            lengths = document_lengths(host)
             flops += step_flops(config, layout.n_text, layout.n_vision, lengths, cfg.frozen_language, parallel.tp)
             batches.append(model_inputs(processor, host, parallel.device, dtype))
         if cfg.debug_checks:
@@ -619,12 +637,16 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
             row = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                    "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": window_time / steps_in_window,
                    "skipped_samples": loader.stats.total, "skipped_updates": skipped_updates}
+            if cfg.pack_sequences:  # tokens_per_s counts real (non-padding) tokens, packed or not
+                row.update(packed_documents=loader.packed_documents, padding_fraction=loader.padding_fraction)
             if result.skipped:
                 row["skipped_update"] = True
             metrics.log(row)
             _say(parallel, f"step {step:>6}/{cfg.max_steps} | loss {result.loss:.4f} | lr {lr:.2e} | "
                            f"grad norm {result.grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s | MFU {100 * mfu:.2f}% | "
                            f"{1000 * window_time / steps_in_window:.0f} ms/step"
+                           + (f" | {loader.packed_documents:,} packed samples, {100 * loader.padding_fraction:.1f}% "
+                              "padding" if cfg.pack_sequences else "")
                            + (" | non-finite loss or gradient norm: update skipped" if result.skipped else ""))
             window_time, window_tokens, window_flops = 0.0, 0, 0.0
         if consecutive_skips >= cfg.max_skipped_updates:

@@ -2,7 +2,8 @@
 values augmented by the low-rank bridge terms (docs/model.md §5; the contract in docs/operators.md, bridge_attention).
 
 For query i and key j of row b, with c_ij = [vision_mask[b, i] != vision_mask[b, j]]:
-    s_ij = scale * <q_i, k_j + c_ij kb_j>   over allowed j (j <= i when causal, key_padding_mask[b, j] True)
+    s_ij = scale * <q_i, k_j + c_ij kb_j>   over allowed j (j <= i when causal, key_padding_mask[b, j] True, and,
+                                             for packed rows, document_ids[b, j] == document_ids[b, i] >= 0)
     out_i = sum_j softmax(s_i)_j (v_j + c_ij vb_j);   a query with no allowed key gets a zero output.
 Queries may be fewer than keys (Nq <= Nk): they are the last Nq positions (FlashAttention's convention).
 
@@ -29,7 +30,7 @@ OP = "bridge_attention"
 HEAD_CHUNK = 4  # heads per step of the torch kernel: bounds its two [B, heads, Nq, Nk] score tensors
 
 
-def _pair_masks(vision_mask, causal, key_padding_mask, n_queries):
+def _pair_masks(vision_mask, causal, key_padding_mask, n_queries, document_ids=None):
     """(allowed, cross): bool [B, Nq, Nk] masks of the (query, key) pairs that are attended / cross-modal."""
     n_keys = vision_mask.shape[1]
     offset = n_keys - n_queries
@@ -40,6 +41,10 @@ def _pair_masks(vision_mask, causal, key_padding_mask, n_queries):
         allowed = allowed & (torch.arange(n_keys, device=cross.device)[None, :] <= query_pos[:, None])
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, :]
+    if document_ids is not None:
+        # Packed rows: a key is seen only by queries of its own document; padding (-1) is never a key.
+        same = document_ids[:, offset:, None] == document_ids[:, None, :]
+        allowed = allowed & same & (document_ids >= 0)[:, None, :]
     return allowed, cross
 
 
@@ -49,22 +54,24 @@ def _heads(t, index):
 
 
 def bridge_attention_ref(q, k, v, k_bridge, v_bridge, vision_mask, *, causal=True, softmax_scale=None,
-                         key_padding_mask=None):
+                         key_padding_mask=None, document_ids=None):
     """Pure-PyTorch reference (differentiable by autograd): returns out [B, Nq, H, D] in q's dtype.
 
     Scores are computed in q's dtype and combined, masked and soft-maxed in float32 (float64 for float64 input);
     the probabilities are cast back to v's dtype for the value products, as in the reference model.
     """
-    out, _ = _forward_torch(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask)
+    out, _ = _forward_torch(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask,
+                            document_ids)
     return out
 
 
-def _forward_torch(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask):
+def _forward_torch(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask,
+                   document_ids=None):
     batch, n_queries, heads, dim = q.shape
     group = heads // k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
     stat = torch.promote_types(q.dtype, torch.float32)
-    allowed, cross = _pair_masks(vision_mask, causal, key_padding_mask, n_queries)
+    allowed, cross = _pair_masks(vision_mask, causal, key_padding_mask, n_queries, document_ids)
     allowed, cross_f = allowed[:, None], cross[:, None].to(stat)
     outs, lses = [], []
     for h0 in range(0, heads, HEAD_CHUNK):
@@ -86,7 +93,7 @@ def _forward_torch(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_sca
 
 
 def _backward_torch(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse, causal,
-                    softmax_scale, needs):
+                    softmax_scale, needs, document_ids=None):
     """Explicit backward of the math above (float32 or wider), recomputing the probabilities head-chunk-wise.
 
     With dp_ij = <dO_i, v_j + c_ij vb_j>, ds_ij = p_ij (dp_ij - <dO_i, o_i>):
@@ -97,7 +104,7 @@ def _backward_torch(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padd
     group = heads // k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
     acc = torch.promote_types(q.dtype, torch.float32)
-    allowed, cross = _pair_masks(vision_mask, causal, key_padding_mask, n_queries)
+    allowed, cross = _pair_masks(vision_mask, causal, key_padding_mask, n_queries, document_ids)
     allowed, cross_f = allowed[:, None], cross[:, None].to(acc)
     grads = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v, k_bridge, v_bridge)]
     dq, dk, dv, dkb, dvb = grads
@@ -144,18 +151,19 @@ def _triton_unavailable(device: torch.device) -> str:
             "is imported")
 
 
-def _forward_triton(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask):
+def _forward_triton(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask,
+                    document_ids=None):
     # Inputs the fused kernels do not take (head dims above 128, float64 on a GPU) use the torch kernel: same
     # outputs, same lse, so either backward applies.
     impl = _triton.bridge_attention_forward if _triton.supports(q) else _forward_torch
-    return impl(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask)
+    return impl(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask, document_ids)
 
 
 def _backward_triton(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse, causal,
-                     softmax_scale, needs):
+                     softmax_scale, needs, document_ids=None):
     impl = _triton.bridge_attention_backward if _triton.supports(q) else _backward_torch
     return impl(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse, causal,
-                softmax_scale, needs)
+                softmax_scale, needs, document_ids)
 
 
 TABLE = KernelTable(OP, auto_order={"cuda": ("triton",)})
@@ -166,57 +174,60 @@ TABLE.register("triton", Kernel(_forward_triton, _backward_triton, _triton_unava
 @torch.library.custom_op("libra::bridge_attention", mutates_args=())
 def bridge_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bridge: torch.Tensor,
                         v_bridge: torch.Tensor, vision_mask: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                        causal: bool, softmax_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                        document_ids: torch.Tensor | None, causal: bool, softmax_scale: float,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Registered operator: (out [B, Nq, H, D] in q's dtype, lse [B, H, Nq] float32 (float64 for float64 inputs, so
     that float64 gradients are exact); -inf where no key is allowed)."""
     return TABLE.get(backend).forward(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale,
-                                      key_padding_mask)
+                                      key_padding_mask, document_ids)
 
 
 @torch.library.custom_op("libra::bridge_attention_backward", mutates_args=())
 def bridge_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  k_bridge: torch.Tensor, v_bridge: torch.Tensor, vision_mask: torch.Tensor,
-                                 key_padding_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
-                                 causal: bool, softmax_scale: float, needs: list[bool]
-                                 , backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                          torch.Tensor]:
+                                 key_padding_mask: torch.Tensor | None, document_ids: torch.Tensor | None,
+                                 out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
+                                 needs: list[bool], backend: str
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Registered backward: (dq, dk, dv, dk_bridge, dv_bridge); a [0] tensor for each one not needed."""
     return TABLE.get(backend).backward(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out,
-                                       lse, causal, softmax_scale, tuple(needs))
+                                       lse, causal, softmax_scale, tuple(needs), document_ids)
 
 
 @bridge_attention_op.register_fake
-def _fake_forward(q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, causal, softmax_scale, backend):
+def _fake_forward(q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, document_ids, causal, softmax_scale,
+                  backend):
     batch, n_queries, heads, _ = q.shape
     return torch.empty_like(q), q.new_empty(batch, heads, n_queries, dtype=torch.promote_types(q.dtype, torch.float32))
 
 
 @bridge_attention_backward_op.register_fake
-def _fake_backward(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse, causal,
-                   softmax_scale, needs, backend):
+def _fake_backward(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, document_ids, out, lse,
+                   causal, softmax_scale, needs, backend):
     return tuple(torch.empty_like(t) if need else q.new_empty(0)
                  for t, need in zip((q, k, v, k_bridge, v_bridge), needs))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, causal, softmax_scale, backend = inputs
-    ctx.save_for_backward(q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, *output)
+    q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, document_ids, causal, softmax_scale, backend = inputs
+    ctx.save_for_backward(q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, document_ids, *output)
     ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse = ctx.saved_tensors
+    q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, document_ids, out, lse = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     grads = bridge_attention_backward_op(grad_out.contiguous(), q, k, v, k_bridge, v_bridge, vision_mask,
-                                         key_padding_mask, out, lse, ctx.causal, ctx.softmax_scale, needs,
-                                         ctx.backend)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None)
+                                         key_padding_mask, document_ids, out, lse, ctx.causal, ctx.softmax_scale,
+                                         needs, ctx.backend)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None, None)
 
 
 bridge_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask) -> None:
+def _validate(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask,
+              document_ids=None) -> None:
     check_tensor(OP, "q", q, ndim=4)
     check_floating(OP, "q", q)
     batch, n_queries, heads, dim = q.shape
@@ -242,6 +253,14 @@ def _validate(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, k
         check_shape(OP, name, mask, (batch, n_keys), "[B, Nk], the key length")
         if mask.device != q.device:
             raise ValueError(f"{OP}: {name} is on {mask.device} but q is on {q.device}")
+    if document_ids is not None:
+        check_tensor(OP, "document_ids", document_ids)
+        if document_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{OP}: document_ids must be an int32/int64 tensor [B, Nk] (the document of each token, "
+                            f"-1 at padding), got {document_ids.dtype}")
+        check_shape(OP, "document_ids", document_ids, (batch, n_keys), "[B, Nk], the key length")
+        if document_ids.device != q.device:
+            raise ValueError(f"{OP}: document_ids is on {document_ids.device} but q is on {q.device}")
     if not isinstance(causal, bool):
         raise TypeError(f"{OP}: causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
@@ -252,7 +271,7 @@ def _validate(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, k
 def bridge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bridge: torch.Tensor,
                      v_bridge: torch.Tensor, vision_mask: torch.Tensor, *, causal: bool = True,
                      softmax_scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
-                     backend: str = "auto") -> torch.Tensor:
+                     document_ids: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention with Libra's cross-modal bridge.
 
     Args:
@@ -262,6 +281,11 @@ def bridge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bridge
         vision_mask: bool [B, Nk], True at vision tokens.
         causal: mask keys after the query position. softmax_scale: default 1/sqrt(D).
         key_padding_mask: bool [B, Nk] (True = real token) or None.
+        document_ids: int32/int64 [B, Nk] or None: packed rows, the document of each token within its row
+            (numbered from 0 in row order, -1 at padding). A query attends only keys of its own document; padding
+            keys are never attended. Not checked for values (no device-to-host read): ids must be non-decreasing
+            along each row, padding last. The "triton" kernels skip the key tiles (and, in the backward, the query
+            blocks) that hold no same-document pair, from per-row document starts and ends computed on the device.
         backend: "auto", "torch" or "triton". "triton" (the default on CUDA) is the fused FlashAttention-2 style
             kernel: head dims up to 128 and float16/bfloat16/float32 (other inputs run the torch kernel); its
             backward is deterministic (no atomics; gradients of shared GQA heads are summed in one program). It
@@ -269,7 +293,8 @@ def bridge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bridge
     Returns:
         out [B, Nq, H, D] in q's dtype; queries are the last Nq positions of the key sequence.
     """
-    _validate(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask)
+    _validate(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask, document_ids)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     name = TABLE.resolve(backend, q.device)
-    return bridge_attention_op(q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, causal, scale, name)[0]
+    return bridge_attention_op(q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, document_ids, causal,
+                               scale, name)[0]

@@ -20,6 +20,14 @@ the number of vision tokens in positions [s, e) is counts[e] - counts[s]: two sc
 program. Zero means all text, e - s all vision, anything else mixed. Per-token flags are loaded on bridged tiles only
 (in the dk/dv kernel: on the query blocks a sweep computes).
 
+Packed rows (``document_ids``, the HAS_DOC variant): the launcher computes on the device, per row, the start and
+the (exclusive) end of each position's document ([B, Nk] int32 each, a running max / min; padding gets Nk). A query
+block walks only the key tiles from its first query's document start to its last query's document end, and a key
+block of the dk/dv kernel only the query blocks from its first key's document start to its last key's document end:
+two scalar loads, no host sync. Documents are contiguous runs, so within a walked tile the mask is a bound per
+row, kept in registers from the program's start (causal: keys from the query's document start on; for a key, queries
+before its document's end), not a per-tile load of document ids (that cost the sm_90 forward a spill).
+
 Causal tiles entirely above the diagonal are never visited (the loops stop at the last key a query block can see);
 tiles entirely below it skip the causal mask. The dk/dv kernel sweeps its query blocks once per query modality that
 sees the key block, with the keys and values as that modality sees them (k + [m_j != modality] k_bridge, formed once
@@ -106,7 +114,7 @@ def _tuning(kernel: str) -> dict:
 
 
 # Autotuning picks one candidate per (key length bucket, head dim, causal, padding, dtype).
-TUNE_KEY = ["n_bucket", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
+TUNE_KEY = ["n_bucket", "HEAD_DIM", "CAUSAL", "HAS_PAD", "HAS_DOC"]
 
 
 @triton.jit
@@ -150,9 +158,10 @@ def _span_kind(count_row, start, end):
 
 
 @triton.jit
-def _mask_scores(s, q_pos, k_pos, n_keys, pad_row, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                 HAS_PAD: tl.constexpr):
-    """-inf at the disallowed pairs of an [M, N] score tile (query positions q_pos [M], key positions k_pos [N])."""
+def _mask_scores(s, q_pos, k_pos, n_keys, pad_row, q_lo, q_hi, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr):
+    """-inf at the disallowed pairs of an [M, N] score tile (query positions q_pos [M], key positions k_pos [N]; with
+    documents, the start q_lo [M] and end q_hi [M] of each query's document)."""
     if MASKED:
         allowed = k_pos[None, :] < n_keys
         if CAUSAL:
@@ -161,14 +170,19 @@ def _mask_scores(s, q_pos, k_pos, n_keys, pad_row, MASKED: tl.constexpr, CAUSAL:
     if HAS_PAD:
         real = tl.load(pad_row + k_pos, mask=k_pos < n_keys, other=0)
         s = tl.where(real[None, :] != 0, s, float("-inf"))
+    if HAS_DOC:  # packed rows: keys of the query's own document only (every tile: boundaries fall anywhere)
+        inside = k_pos[None, :] >= q_lo[:, None]
+        if not CAUSAL:  # (causal: keys after the query are masked already)
+            inside = inside & (k_pos[None, :] < q_hi[:, None])
+        s = tl.where(inside, s, float("-inf"))
     return s
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, scale_log2, MASKED: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+def _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, q_lo, q_hi, scale_log2, MASKED: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr):
     """Online-softmax update for one tile of raw scores: (p, alpha, new max, new sum), in base-2 units."""
-    s = _mask_scores(s * scale_log2, q_pos, k_pos, n_keys, pad_row, MASKED, CAUSAL, HAS_PAD)
+    s = _mask_scores(s * scale_log2, q_pos, k_pos, n_keys, pad_row, q_lo, q_hi, MASKED, CAUSAL, HAS_PAD, HAS_DOC)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no allowed key so far keeps m = -inf; subtracting 0 instead keeps exp2 finite (it gives 0).
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -179,10 +193,10 @@ def _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, scale_log2, MASKED
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, q_pos, q_kind, vis_q, k_base, v_base, kb_base, vb_base, kv_row, kv_offs, vis_row,
-               count_row, pad_row, n_keys, scale_log2, lo, hi,
+               count_row, pad_row, q_lo, q_hi, n_keys, scale_log2, lo, hi,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-               PRECISION: tl.constexpr):
+               CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr,
+               ACC: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate the key tiles [lo, hi) into (acc, m_i, l_i) for one query block."""
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + tl.arange(0, BLOCK_N)
@@ -196,8 +210,8 @@ def _fwd_tiles(acc, m_i, l_i, q, q_pos, q_kind, vis_q, k_base, v_base, kb_base, 
             cross = vis_q[:, None] != tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)[None, :]
             kb = _load_rows(kb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
             s += tl.where(cross, tl.dot(q, tl.trans(kb), input_precision=PRECISION, out_dtype=ACC), 0.0)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, scale_log2, MASKED, CAUSAL,
-                                           HAS_PAD)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, k_pos, n_keys, pad_row, q_lo, q_hi, scale_log2,
+                                           MASKED, CAUSAL, HAS_PAD, HAS_DOC)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
         if bridged:  # (the pair mask is recomputed: a value made inside a branch does not outlive it)
             cross = vis_q[:, None] != tl.load(vis_row + k_pos, mask=k_pos < n_keys, other=0)[None, :]
@@ -218,12 +232,28 @@ def _causal_bounds(start_m, offset, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
     return full_hi, hi
 
 
+@triton.jit
+def _document_key_bounds(full_hi, hi, q_first, q_last, dstart_row, dend_row, BLOCK_N: tl.constexpr,
+                         HAS_DOC: tl.constexpr):
+    """(lo, full_hi, hi) of the key tiles a query block with key positions [q_first, q_last] walks: with documents
+    the tiles before the first query's document start and after the last query's document end hold no
+    same-document pair and are skipped (document starts are non-decreasing along the row); read from the per-row
+    starts and ends, two scalar loads, no host sync."""
+    lo = 0
+    if HAS_DOC:
+        lo = tl.load(dstart_row + q_first) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, tl.load(dend_row + q_last))
+        full_hi = tl.minimum(full_hi, hi)
+    return lo, full_hi, hi
+
+
 @triton.autotune(key=TUNE_KEY, **_tuning("fwd"))
 @triton.jit
-def _bridge_fwd_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, LSE, n_queries, n_keys, scale_log2: tl.float64, n_bucket,
-                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bridge_fwd_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DSTART, DEND, OUT, LSE, n_queries, n_keys,
+                       scale_log2: tl.float64, n_bucket, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                       HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # The scale arrives in float64 so that float64 inputs keep full precision; the math runs in ACC.
     scale_log2 = tl.full([], scale_log2, ACC)
     # The last query blocks see the most keys under a causal mask: start them first.
@@ -247,17 +277,28 @@ def _bridge_fwd_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, LSE, n_queries, n
     q_pos = offset + start_m + tl.arange(0, BLOCK_M)
     vis_q = tl.load(vis_row + q_pos, mask=q_pos < n_keys, other=0)
     q_kind = _span_kind(count_row, offset + start_m, tl.minimum(offset + start_m + BLOCK_M, n_keys))
+    q_lo = q_pos
+    q_hi = q_pos
+    if HAS_DOC:
+        q_lo = tl.load(DSTART + b * n_keys + q_pos, mask=q_pos < n_keys, other=0)
+        if not CAUSAL:
+            q_hi = tl.load(DEND + b * n_keys + q_pos, mask=q_pos < n_keys, other=0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     full_hi, hi = _causal_bounds(start_m, offset, n_keys, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, full_hi, hi = _document_key_bounds(full_hi, hi, offset + start_m,
+                                           tl.minimum(offset + start_m + BLOCK_M, n_keys) - 1, DSTART + b * n_keys,
+                                           DEND + b * n_keys, BLOCK_N, HAS_DOC)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_pos, q_kind, vis_q, K + kv_head, V + kv_head, KB + kv_head,
-                               VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, n_keys, scale_log2, 0,
-                               full_hi, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
+                               VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, q_lo, q_hi, n_keys,
+                               scale_log2, lo, full_hi, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PAD, HAS_DOC,
+                               UPCAST, ACC, PRECISION)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_pos, q_kind, vis_q, K + kv_head, V + kv_head, KB + kv_head,
-                               VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, n_keys, scale_log2,
-                               full_hi, hi, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
+                               VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, q_lo, q_hi, n_keys,
+                               scale_log2, tl.maximum(full_hi, lo), hi, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL,
+                               HAS_PAD, HAS_DOC, UPCAST, ACC, PRECISION)
 
     # A query with no allowed key: zero output and lse = -inf (the contract of the operator).
     empty = l_i == 0
@@ -270,10 +311,10 @@ def _bridge_fwd_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, LSE, n_queries, n
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, q_pos, q_kind, vis_q, k_base, v_base, kb_base, vb_base, kv_row, kv_offs, vis_row,
-              count_row, pad_row, n_keys, scale_log2, lo, hi,
+              count_row, pad_row, q_lo, q_hi, n_keys, scale_log2, lo, hi,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-              PRECISION: tl.constexpr):
+              CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr,
+              ACC: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate sum_j ds_ij k'_ij over the key tiles [lo, hi) into dq (unscaled) for one query block."""
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + tl.arange(0, BLOCK_N)
@@ -288,7 +329,8 @@ def _dq_tiles(dq, q, do, lse2, delta, q_pos, q_kind, vis_q, k_base, v_base, kb_b
             vb = _load_rows(vb_base, kv_offs, start_n, n_keys, kv_row, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
             s += tl.where(cross, tl.dot(q, tl.trans(kb), input_precision=PRECISION, out_dtype=ACC), 0.0)
             dp += tl.where(cross, tl.dot(do, tl.trans(vb), input_precision=PRECISION, out_dtype=ACC), 0.0)
-        s = _mask_scores(s * scale_log2, q_pos, k_pos, n_keys, pad_row, MASKED, CAUSAL, HAS_PAD)
+        s = _mask_scores(s * scale_log2, q_pos, k_pos, n_keys, pad_row, q_lo, q_hi, MASKED, CAUSAL, HAS_PAD,
+                         HAS_DOC)
         p = tl.exp2(s - lse2[:, None])
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
@@ -301,11 +343,11 @@ def _dq_tiles(dq, q, do, lse2, delta, q_pos, q_kind, vis_q, k_base, v_base, kb_b
 
 @triton.autotune(key=TUNE_KEY, **_tuning("dq"))
 @triton.jit
-def _bridge_dq_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, DO, LSE, DELTA, DQ, n_queries, n_keys, scale: tl.float64,
-                      scale_log2: tl.float64, n_bucket, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-                      UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bridge_dq_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DSTART, DEND, OUT, DO, LSE, DELTA, DQ, n_queries,
+                      n_keys, scale: tl.float64, scale_log2: tl.float64, n_bucket, HEADS: tl.constexpr,
+                      KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                      HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                      PRECISION: tl.constexpr, WITH_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     scale = tl.full([], scale, ACC)
     scale_log2 = tl.full([], scale_log2, ACC)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -339,33 +381,53 @@ def _bridge_dq_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, OUT, DO, LSE, DELTA, DQ
         q_pos = offset + rows
         vis_q = tl.load(vis_row + q_pos, mask=q_pos < n_keys, other=0)
         q_kind = _span_kind(count_row, offset + start_m, tl.minimum(offset + start_m + BLOCK_M, n_keys))
+        q_lo = q_pos
+        q_hi = q_pos
+        if HAS_DOC:
+            q_lo = tl.load(DSTART + b * n_keys + q_pos, mask=q_pos < n_keys, other=0)
+            if not CAUSAL:
+                q_hi = tl.load(DEND + b * n_keys + q_pos, mask=q_pos < n_keys, other=0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
         full_hi, hi = _causal_bounds(start_m, offset, n_keys, BLOCK_M, BLOCK_N, CAUSAL)
+        lo, full_hi, hi = _document_key_bounds(full_hi, hi, offset + start_m,
+                                               tl.minimum(offset + start_m + BLOCK_M, n_keys) - 1,
+                                               DSTART + b * n_keys, DEND + b * n_keys, BLOCK_N, HAS_DOC)
         dq = _dq_tiles(dq, q, do, lse2, delta, q_pos, q_kind, vis_q, K + kv_head, V + kv_head, KB + kv_head,
-                       VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, n_keys, scale_log2, 0, full_hi,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
+                       VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, q_lo, q_hi, n_keys, scale_log2,
+                       lo, full_hi, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PAD, HAS_DOC, UPCAST, ACC,
+                       PRECISION)
         dq = _dq_tiles(dq, q, do, lse2, delta, q_pos, q_kind, vis_q, K + kv_head, V + kv_head, KB + kv_head,
-                       VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, n_keys, scale_log2, full_hi, hi,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PAD, UPCAST, ACC, PRECISION)
+                       VB + kv_head, kv_row, kv_offs, vis_row, count_row, pad_row, q_lo, q_hi, n_keys, scale_log2,
+                       tl.maximum(full_hi, lo), hi, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PAD, HAS_DOC,
+                       UPCAST, ACC, PRECISION)
         _store_rows(DQ + q_head, q_offs, start_m, n_queries, q_row, dq * scale, BLOCK_M, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, scale_log2, MASKED: tl.constexpr):
+def _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, k_lo, k_hi, scale_log2, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr):
     """(p^T, ds^T) [BLOCK_N, BLOCK_M] from the raw transposed scores and dP^T of a tile (ds without the scale).
-    Padded keys are not masked here: a key's row of p^T only reaches its own gradients, which the kernel zeroes."""
+    Padded keys are not masked here: a key's row of p^T only reaches its own gradients, which the kernel zeroes.
+    With documents (k_lo, k_hi [BLOCK_N]: the start and end of each key's document), queries outside the key's
+    document get p = 0."""
     st *= scale_log2
     if MASKED:
         st = tl.where(k_pos[:, None] <= q_pos[None, :], st, float("-inf"))
+    if HAS_DOC:
+        inside = q_pos[None, :] < k_hi[:, None]
+        if not CAUSAL:
+            inside = inside & (q_pos[None, :] >= k_lo[:, None])
+        st = tl.where(inside, st, float("-inf"))
     pt = tl.exp2(st - lse2[None, :])
     return pt, pt * (dpt - delta[None, :])
 
 
 @triton.jit
 def _dkdv_tiles(grad_k, grad_v, k, v, k_pos, q_group, do_group, q_row, q_offs, lse_group, delta_group, vis_row,
-                count_row, n_queries, n_keys, offset, scale_log2, modality, lo, hi, GROUP: tl.constexpr,
+                count_row, k_lo, k_hi, n_queries, n_keys, offset, scale_log2, modality, lo, hi, GROUP: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Accumulate the contributions of the queries of one ``modality`` (0 text, 1 vision) in the query blocks
     [lo, hi) of the GROUP query heads sharing the key/value head (pointers at the first: q_group, do_group of q/dO,
     lse_group, delta_group of the statistics) into the key block's (grad_k, grad_v) [BLOCK_N, BLOCK_D]. One flat loop
@@ -396,7 +458,7 @@ def _dkdv_tiles(grad_k, grad_v, k, v, k_pos, q_group, do_group, q_row, q_offs, l
         delta = tl.load(delta_row + rows, mask=in_rows, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-        pt, dst = _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, scale_log2, MASKED)
+        pt, dst = _dkdv_probs(st, dpt, lse2, delta, k_pos, q_pos, k_lo, k_hi, scale_log2, MASKED, CAUSAL, HAS_DOC)
         grad_v = tl.dot(pt.to(do.dtype), do, grad_v, input_precision=PRECISION, out_dtype=ACC)
         grad_k = tl.dot(dst.to(q.dtype), q, grad_k, input_precision=PRECISION, out_dtype=ACC)
     return grad_k, grad_v
@@ -415,11 +477,11 @@ def _store_rows_where(base, offs, start, n_rows, row_stride, x, which, BLOCK: tl
 
 @triton.autotune(key=TUNE_KEY, **_tuning("dkdv"))
 @triton.jit
-def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, DV, DKB, DVB, n_queries, n_keys,
-                        scale: tl.float64, scale_log2: tl.float64, n_bucket, HEADS: tl.constexpr,
+def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DSTART, DEND, DO, LSE, DELTA, DK, DV, DKB, DVB,
+                        n_queries, n_keys, scale: tl.float64, scale_log2: tl.float64, n_bucket, HEADS: tl.constexpr,
                         KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                        HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     scale = tl.full([], scale, ACC)
     scale_log2 = tl.full([], scale_log2, ACC)
     pid_n = tl.program_id(0)
@@ -448,6 +510,19 @@ def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, D
     else:
         first_m = 0
         full_m = 0
+    # Query blocks [q_begin, q_end) can hold a query of a document of this key block; the others are skipped.
+    q_begin = 0
+    q_end = n_queries
+    k_lo = k_pos
+    k_hi = k_pos
+    if HAS_DOC:
+        k_hi = tl.load(DEND + b * n_keys + k_pos, mask=k_pos < n_keys, other=0)
+        if not CAUSAL:
+            k_lo = tl.load(DSTART + b * n_keys + k_pos, mask=k_pos < n_keys, other=0)
+        q_begin = tl.minimum(tl.maximum(tl.load(DSTART + b * n_keys + start_n) - offset, 0) // BLOCK_M * BLOCK_M,
+                             n_queries)
+        last_end = tl.load(DEND + b * n_keys + tl.minimum(start_n + BLOCK_N, n_keys) - 1)
+        q_end = tl.minimum(tl.cdiv(tl.maximum(last_end - offset, 0), BLOCK_M) * BLOCK_M, n_queries)
     # Which query modalities see this block at all (a sweep without queries is skipped).
     n_seen = n_keys - (offset + first_m)
     n_seen_vision = tl.load(count_row + n_keys) - tl.load(count_row + offset + first_m)
@@ -475,13 +550,15 @@ def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, D
             q_group = (b * n_queries * HEADS + kvh * group) * HEAD_DIM
             stat_group = (b * HEADS + kvh * group) * n_queries
             grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, Q + q_group, DO + q_group, q_row, q_offs,
-                                         LSE + stat_group, DELTA + stat_group, vis_row, count_row, n_queries, n_keys,
-                                         offset, scale_log2, modality, first_m, full_m, group, HEAD_DIM, BLOCK_D,
-                                         BLOCK_M, True, UPCAST, ACC, PRECISION)
+                                         LSE + stat_group, DELTA + stat_group, vis_row, count_row, k_lo, k_hi,
+                                         n_queries, n_keys, offset, scale_log2, modality, tl.maximum(first_m, q_begin),
+                                         tl.minimum(full_m, q_end), group, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL,
+                                         HAS_DOC, UPCAST, ACC, PRECISION)
             grad_k, grad_v = _dkdv_tiles(grad_k, grad_v, k, v, k_pos, Q + q_group, DO + q_group, q_row, q_offs,
-                                         LSE + stat_group, DELTA + stat_group, vis_row, count_row, n_queries, n_keys,
-                                         offset, scale_log2, modality, full_m, n_queries, group, HEAD_DIM, BLOCK_D,
-                                         BLOCK_M, False, UPCAST, ACC, PRECISION)
+                                         LSE + stat_group, DELTA + stat_group, vis_row, count_row, k_lo, k_hi,
+                                         n_queries, n_keys, offset, scale_log2, modality, tl.maximum(full_m, q_begin),
+                                         q_end, group, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, HAS_DOC, UPCAST,
+                                         ACC, PRECISION)
             if HAS_PAD:  # a padded key gets no probability, hence zero gradients
                 real = tl.load(PAD + b * n_keys + k_pos, mask=k_pos < n_keys, other=0)
                 grad_k = tl.where(real[:, None] != 0, grad_k, 0.0)
@@ -516,7 +593,7 @@ def _bridge_dkdv_kernel(Q, K, V, KB, VB, VIS, COUNTS, PAD, DO, LSE, DELTA, DK, D
 # Launchers
 
 
-def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, has_pad: bool) -> dict:
+def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, has_pad: bool, has_doc: bool) -> dict:
     """Compile-time arguments shared by the three kernels. The head counts are among them: compile-time row strides
     let the compiler derive the tiles' addresses (with runtime strides the sm_90 forward needs ~50% more registers
     and spills)."""
@@ -525,7 +602,7 @@ def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, has_pad: bool) -> dict
     wide = q.dtype == torch.float64
     return dict(n_bucket=triton.next_power_of_2(max(n_keys, 1)), HEADS=q.shape[2], KV_HEADS=k.shape[2],
                 HEAD_DIM=q.shape[-1], BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), CAUSAL=causal,
-                HAS_PAD=has_pad,
+                HAS_PAD=has_pad, HAS_DOC=has_doc,
                 UPCAST=upcast, ACC=tl.float64 if wide else tl.float32,
                 # float32 products in true float32 (PyTorch's default for matmul), not TF32; 16-bit inputs ignore it
                 PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32")
@@ -548,6 +625,24 @@ def _masks(vision_mask, key_padding_mask):
     return vis, counts, key_padding_mask.contiguous().view(torch.uint8), True
 
 
+def _documents(document_ids, counts):
+    """(starts, ends, has_doc): int32 [B, Nk], the first position of each position's document and the position
+    after its last, computed on the device; padding (-1) gets Nk in both (a padding query sees no key, a padding key
+    no query). Without documents dummy int32 pointers the kernels never read."""
+    if document_ids is None:
+        return counts, counts, False
+    ids = document_ids.to(torch.int32).contiguous()
+    length = ids.shape[1]
+    index = torch.arange(length, dtype=torch.int32, device=ids.device).expand_as(ids)
+    boundary = ids[:, 1:] != ids[:, :-1]  # a new document starts at j + 1
+    starts = torch.where(torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool), boundary], 1), index, 0)
+    ends = torch.where(torch.cat([boundary, torch.ones_like(ids[:, :1], dtype=torch.bool)], 1), index + 1, length)
+    padding = ids < 0
+    starts = starts.cummax(1).values.masked_fill(padding, length).to(torch.int32).contiguous()
+    ends = ends.flip(1).cummin(1).values.flip(1).masked_fill(padding, length).to(torch.int32).contiguous()
+    return starts, ends, True
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the saved log-sum-exp: float32, float64 for float64 inputs (exact gradients for gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -559,9 +654,10 @@ def supports(q: torch.Tensor) -> bool:
     return 1 <= q.shape[-1] <= MAX_HEAD_DIM and (q.dtype != torch.float64 or q.device.type == "cpu")
 
 
-def bridge_attention_forward(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask):
+def bridge_attention_forward(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask,
+                             document_ids=None):
     """Fused forward. q [B, Nq, H, D]; k, v, k_bridge, v_bridge [B, Nk, Hkv, D] (same float dtype, D <= 128);
-    vision_mask / key_padding_mask bool [B, Nk].
+    vision_mask / key_padding_mask bool [B, Nk]; document_ids int [B, Nk] (packed rows, -1 at padding) or None.
     Returns (out [B, Nq, H, D] in q's dtype, lse [B, H, Nq] in ``lse_dtype(q.dtype)``)."""
     q, k, v, k_bridge, v_bridge = (t.contiguous() for t in (q, k, v, k_bridge, v_bridge))
     batch, n_queries, heads, _ = q.shape
@@ -571,14 +667,15 @@ def bridge_attention_forward(q, k, v, k_bridge, v_bridge, vision_mask, causal, s
     if out.numel() == 0:
         return out, lse
     vis, counts, pad, has_pad = _masks(vision_mask, key_padding_mask)
+    starts, ends, has_doc = _documents(document_ids, counts)
     grid = lambda meta: (triton.cdiv(n_queries, meta["BLOCK_M"]), heads, batch)  # noqa: E731
-    _bridge_fwd_kernel[grid](q, k, v, k_bridge, v_bridge, vis, counts, pad, out, lse, n_queries, n_keys,
-                             softmax_scale * LOG2E, **_meta(q, k, causal, has_pad))
+    _bridge_fwd_kernel[grid](q, k, v, k_bridge, v_bridge, vis, counts, pad, starts, ends, out, lse, n_queries,
+                             n_keys, softmax_scale * LOG2E, **_meta(q, k, causal, has_pad, has_doc))
     return out, lse
 
 
 def bridge_attention_backward(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padding_mask, out, lse,
-                              causal, softmax_scale, needs):
+                              causal, softmax_scale, needs, document_ids=None):
     """Fused backward: (dq, dk, dv, dk_bridge, dv_bridge) in the inputs' dtypes, a [0] tensor for each input whose
     ``needs`` entry is False. Deterministic (no atomics). Shapes as in :func:`bridge_attention_forward`."""
     grad_out, q, k, v, k_bridge, v_bridge, out = (t.contiguous() for t in (grad_out, q, k, v, k_bridge, v_bridge,
@@ -593,16 +690,19 @@ def bridge_attention_backward(grad_out, q, k, v, k_bridge, v_bridge, vision_mask
     dq = torch.empty_like(q) if want_q else q.new_empty(0)
     dkv = [torch.empty_like(t) if want_kv else None for t in (k, v, k_bridge, v_bridge)]
     vis, counts, pad, has_pad = _masks(vision_mask, key_padding_mask)
-    meta = _meta(q, k, causal, has_pad)
+    starts, ends, has_doc = _documents(document_ids, counts)
+    meta = _meta(q, k, causal, has_pad, has_doc)
     delta = torch.empty(batch, heads, n_queries, dtype=lse_dtype(q.dtype), device=q.device)
     scales = (softmax_scale, softmax_scale * LOG2E)
     grid_q = lambda meta_: (triton.cdiv(n_queries, meta_["BLOCK_M"]), heads, batch)  # noqa: E731
     # The dq kernel also writes delta, which the dk/dv kernel reads; without dq wanted it writes delta only.
-    _bridge_dq_kernel[grid_q](q, k, v, k_bridge, v_bridge, vis, counts, pad, out, grad_out, lse, delta,
+    _bridge_dq_kernel[grid_q](q, k, v, k_bridge, v_bridge, vis, counts, pad, starts, ends, out, grad_out, lse,
+                              delta,
                               dq if want_q else delta, n_queries, n_keys, *scales, WITH_DQ=want_q, **meta)
     if want_kv:
         grid_k = lambda meta_: (triton.cdiv(n_keys, meta_["BLOCK_N"]), kv_heads, batch)  # noqa: E731
-        _bridge_dkdv_kernel[grid_k](q, k, v, k_bridge, v_bridge, vis, counts, pad, grad_out, lse, delta, *dkv,
+        _bridge_dkdv_kernel[grid_k](q, k, v, k_bridge, v_bridge, vis, counts, pad, starts, ends, grad_out, lse,
+                                    delta, *dkv,
                                     n_queries, n_keys, *scales, **meta)
     # Registered-op outputs must not alias each other: a fresh empty tensor for each gradient not asked for.
     return (dq, *(g if need else q.new_empty(0) for g, need in zip(dkv, needs[1:])))

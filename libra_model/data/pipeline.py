@@ -143,15 +143,32 @@ def model_inputs(processor, host_batch: dict, device: torch.device, dtype: torch
     if batch.get("contiguous_signal") is not None:
         out["contiguous_signal"] = out["contiguous_signal"].to(dtype)
     out["layout"] = host_batch["layout"].to(device)
+    if host_batch.get("document_ids") is not None:  # packed rows (PackedCollate)
+        out["document_ids"] = host_batch["document_ids"].to(device)
     return out
 
 
 def build_loader(source, processor, *, micro_batch_size: int, seed: int, dp_rank: int, dp_size: int,
                  max_length: int | None = None, prefetch: int = 0, pad_to_multiple_of: int | None = None,
-                 shuffle: bool = True, caption_eos: bool = False) -> ResumableLoader:
+                 shuffle: bool = True, caption_eos: bool = False, pack_sequences: bool = False,
+                 pack_buffer: int = 256):
     """The resumable loader of one DP replica: sampler seeded by (seed, epoch) and split by ``dp_rank`` (so the TP
-    ranks of a replica read the same batches), encoding with the processor, host collation with the layout."""
+    ranks of a replica read the same batches), encoding with the processor, host collation with the layout.
+
+    With ``pack_sequences`` (needs ``max_length``; no prefetch): a :class:`~libra_model.data.packing.PackedLoader`
+    whose batches are ``micro_batch_size`` rows of ``max_length`` tokens, each holding several samples packed by
+    first-fit decreasing within buffers of ``pack_buffer`` samples, with ``document_ids``."""
     encoded = EncodedSource(source, processor, max_length, caption_eos)
     sampler = ResumableSampler(len(source), seed=seed, dp_rank=dp_rank, dp_size=dp_size, shuffle=shuffle)
+    if pack_sequences:
+        from libra_model.data.packing import PackedCollate, PackedLoader
+
+        if max_length is None:
+            raise ValueError("build_loader: pack_sequences needs max_length (the row length samples are packed into)")
+        if prefetch:
+            raise ValueError("build_loader: pack_sequences does not prefetch; set prefetch=0")
+        return PackedLoader(encoded, sampler, micro_batch_size, max_length,
+                            PackedCollate(HostCollate(processor, pad_to_multiple_of)), buffer_size=pack_buffer,
+                            stats=encoded.stats)
     return ResumableLoader(encoded, sampler, micro_batch_size, collate=HostCollate(processor, pad_to_multiple_of),
                            stats=encoded.stats, prefetch=prefetch)

@@ -36,7 +36,7 @@ class AttentionContext:
     cache: the bridge KV cache, the static text cache or None. decode_slot: int64 [] (on the device) on a text
     decoding step with the static cache: the slot the new tokens (all text, one per row) are written to.
     sequence_shard: this TP rank's rows of the residual stream under sequence parallelism, or None (every rank holds
-    all rows).
+    all rows). document_ids: int [B, N] for packed rows (attention never crosses documents) or None.
     """
 
     layout: ModalityLayout
@@ -47,6 +47,7 @@ class AttentionContext:
     cache: BridgeKVCache | StaticBridgeKVCache | None = None
     decode_slot: torch.Tensor | None = None
     sequence_shard: SequenceShard | None = None
+    document_ids: torch.Tensor | None = None
 
 
 class LibraAttention(nn.Module):
@@ -158,7 +159,7 @@ class LibraAttention(nn.Module):
             if ctx.cache is not None:
                 k, k_bridge, v, v_bridge = ctx.cache.update(self.layer_idx, k, k_bridge, v, v_bridge)
             out = bridge_attention(q, k, v, k_bridge, v_bridge, ctx.vision_mask, causal=True,
-                                   key_padding_mask=ctx.key_padding_mask,
+                                   key_padding_mask=ctx.key_padding_mask, document_ids=ctx.document_ids,
                                    backend=op_backend(self.backend, "bridge_attention"))
         out = layout.sort(out.reshape(batch, length, -1))
         if self.config.addition_mode:

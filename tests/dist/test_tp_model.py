@@ -236,3 +236,37 @@ def _tp_2d_equals_tp1(rank, world_size):
 
 def test_tp2_equals_tp1_in_2d_vision_prediction_mode():
     run_in_process_group(_tp_2d_equals_tp1, 2)
+
+
+def _tp_packed_equals_tp1(rank, world_size):
+    torch.set_num_threads(1)
+    parallel = init_parallel(tp=2)
+    full = tiny_model()
+    batch = make_batch(full.config, 2, 24, [(0, 1), (1, 12)], seed=4)
+    # packed rows: row 0 = documents [0, 14) and [14, 24); row 1 = [0, 5), [5, 23) (its image inside), [23, 24)
+    batch["document_ids"] = torch.tensor([[0] * 14 + [1] * 10, [0] * 5 + [1] * 18 + [2]])
+    ref, tp = clone(full), shard_model_(clone(full), parallel.tp_group).pack_projections_()
+    inputs = dict(contiguous_signal=batch["contiguous_signal"], document_ids=batch["document_ids"],
+                  return_logits=True)
+    out_ref = ref(batch["input_ids"], batch["vision_indices"], **inputs)
+    out_tp = tp(batch["input_ids"], batch["vision_indices"], **inputs)
+    finite = out_ref.logits.isfinite()
+    assert torch.equal(finite, out_tp.logits.isfinite())
+    torch.testing.assert_close(out_tp.logits[finite], out_ref.logits[finite], **TOL)
+    # the packed rows are not the unpacked ones (the documents do not see each other) ...
+    plain = ref(batch["input_ids"], batch["vision_indices"], contiguous_signal=batch["contiguous_signal"],
+                return_logits=True).logits
+    assert not torch.allclose(plain[finite], out_ref.logits[finite])
+    # ... and a TP=2 step with packed micro-batches equals the TP=1 step
+    _, res_ref = _train(ParallelState(), ref, [batch])
+    _, res_tp = _train(parallel, tp, [batch])
+    for a, b in zip(res_ref, res_tp):
+        assert abs(a.loss - b.loss) < 1e-10 and abs(a.grad_norm - b.grad_norm) < 1e-10, (a, b)
+    ref_params = dict(ref.named_parameters())
+    for name, param in tp.named_parameters():
+        expected = local_shard(ref_params[name].detach(), tp_rule(name), parallel.tp_group)
+        torch.testing.assert_close(param.detach(), expected, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_tp2_equals_tp1_with_packed_rows():
+    run_in_process_group(_tp_packed_equals_tp1, 2)

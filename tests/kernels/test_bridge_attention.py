@@ -147,7 +147,7 @@ def test_opcheck(backend, padding):
          for k, v in inputs.items()}
     torch.library.opcheck(torch.ops.libra.bridge_attention,
                           (t["q"], t["k"], t["v"], t["k_bridge"], t["v_bridge"], t["vision_mask"],
-                           t["key_padding_mask"], True, 0.35, backend))
+                           t["key_padding_mask"], None, True, 0.35, backend))
 
 
 def test_compiles_fullgraph():

@@ -2,8 +2,8 @@
 (no GPU needed): bf16, causal, head dims 64 and 128, MHA without padding and GQA with key padding. Each compilation
 must fit the register file without spilling (ptxas, the one bundled with Triton, reports 0 bytes of spill stores),
 stay within the architecture's shared memory per block, and keep the loads of every main loop software-pipelined
-(asynchronous copies in the compiled loop). The kernels have no document-mask (packing) variant yet; once they have,
-it belongs in ``VARIANTS``.
+(asynchronous copies in the compiled loop). The document-mask variant (packed rows, ``HAS_DOC``) is compiled too,
+with GQA and without key padding, as the model runs it (documents exclude padding, so it passes no padding mask).
 
 Run as a script (``python tests/kernels/test_bridge_attention_compile.py``) it prints the table of registers, spills
 and shared memory per candidate that bench/NOTES.md records.
@@ -19,7 +19,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED_MEMORY_PER_BLOCK = {80: 166_912, 90: 232_448}  # bytes a block may have (opt-in maximum)
 HEAD_DIMS = (64, 128)
-VARIANTS = {"mha": dict(HEADS=32, KV_HEADS=32, HAS_PAD=False), "gqa+pad": dict(HEADS=32, KV_HEADS=8, HAS_PAD=True)}
+VARIANTS = {"mha": dict(HEADS=32, KV_HEADS=32, HAS_PAD=False, HAS_DOC=False),
+            "gqa+pad": dict(HEADS=32, KV_HEADS=8, HAS_PAD=True, HAS_DOC=False),
+            "gqa+doc": dict(HEADS=32, KV_HEADS=8, HAS_PAD=False, HAS_DOC=True)}
 
 # Runs in a process without TRITON_INTERPRET (the kernels must be built for a GPU): one JSON line per compilation.
 COMPILE_ALL = r"""
@@ -34,8 +36,9 @@ from triton.backends.nvidia.compiler import sm_arch_from_capability
 from libra_kernels.ops import bridge_attention_triton as kernels
 
 TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KB": "*bf16", "VB": "*bf16", "VIS": "*u8", "COUNTS": "*i32",
-         "PAD": "*u8", "LSE": "*fp32", "n_queries": "i32", "n_keys": "i32", "n_bucket": "i32", "scale": "fp64",
-         "scale_log2": "fp64", "OUT": "*bf16", "DO": "*bf16", "DELTA": "*fp32", "DQ": "*bf16", "DK": "*bf16",
+         "PAD": "*u8", "DSTART": "*i32", "DEND": "*i32", "LSE": "*fp32", "n_queries": "i32",
+         "n_keys": "i32", "n_bucket": "i32", "scale": "fp64", "scale_log2": "fp64", "OUT": "*bf16", "DO": "*bf16",
+         "DELTA": "*fp32", "DQ": "*bf16", "DK": "*bf16",
          "DV": "*bf16", "DKB": "*bf16", "DVB": "*bf16"}
 FUNCTIONS = {"fwd": "_bridge_fwd_kernel", "dq": "_bridge_dq_kernel", "dkdv": "_bridge_dkdv_kernel"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")

@@ -261,11 +261,11 @@ from triton.backends.compiler import GPUTarget
 from libra_kernels.ops import bridge_attention_triton as kernels
 
 common = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KB": "*bf16", "VB": "*bf16", "VIS": "*u8", "COUNTS": "*i32",
-          "PAD": "*u8", "LSE": "*fp32", "n_queries": "i32", "n_keys": "i32", "n_bucket": "i32", "scale": "fp64",
-          "scale_log2": "fp64", "OUT": "*bf16", "DO": "*bf16", "DELTA": "*fp32", "DQ": "*bf16", "DK": "*bf16",
-          "DV": "*bf16", "DKB": "*bf16", "DVB": "*bf16"}
-constants = dict(HEADS=32, KV_HEADS=8, HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_PAD=True, UPCAST=False,
-                 ACC=tl.float32, PRECISION="tf32", WITH_DQ=True)
+          "PAD": "*u8", "DSTART": "*i32", "DEND": "*i32", "LSE": "*fp32", "n_queries": "i32", "n_keys": "i32",
+          "n_bucket": "i32", "scale": "fp64", "scale_log2": "fp64", "OUT": "*bf16", "DO": "*bf16", "DELTA": "*fp32",
+          "DQ": "*bf16", "DK": "*bf16", "DV": "*bf16", "DKB": "*bf16", "DVB": "*bf16"}
+constants = dict(HEADS=32, KV_HEADS=8, HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_PAD=True, HAS_DOC=False,
+                 UPCAST=False, ACC=tl.float32, PRECISION="tf32", WITH_DQ=True)
 for name in ("_bridge_fwd_kernel", "_bridge_dq_kernel", "_bridge_dkdv_kernel"):
     tuner = getattr(kernels, name)
     fn, config = tuner.fn, tuner.configs[0]

@@ -63,3 +63,32 @@ def test_2d_rope_model_reduces_to_1d_without_images_and_differs_with_them():
         inputs = {k: image[k] for k in ("input_ids", "vision_indices", "attention_mask")}
         diff = (two(**inputs).logits - one(**inputs).logits).nan_to_num(0).abs().max()
     assert diff > 1e-6
+
+
+def _pack(pieces, length, fill):
+    """Concatenate 1-row pieces [.., n] along the last dim and pad to ``length`` with ``fill``."""
+    row = torch.cat(pieces, -1)
+    pad = torch.full((*row.shape[:-1], length - row.shape[-1]), fill, dtype=row.dtype)
+    return torch.cat([row, pad], -1)
+
+
+def test_packed_positions_restart_at_each_document_1d_and_2d():
+    R = 3
+    text, boi, eoi = R * R + 2, 0, R * R + 1
+    image = [boi, *range(1, R * R + 1), eoi]
+    documents = [torch.tensor([[text, *image, text, text]]),   # an image after the first token
+                 torch.tensor([[text]]),                        # a one-token document
+                 torch.tensor([[*image, text]]),                # an image at the document's start
+                 torch.tensor([[text, text, *image]])]          # an image at the document's end
+    length = sum(d.shape[1] for d in documents) + 3
+    vision = _pack(documents, length, text)
+    doc_ids = _pack([torch.full(d.shape, i) for i, d in enumerate(documents)], length, -1)
+    packed_2d, _ = libra_2d_position_ids(vision, R, document_ids=doc_ids)
+    alone_2d = [libra_2d_position_ids(d, R)[0] for d in documents]
+    assert torch.equal(packed_2d, _pack(alone_2d, length, 1))
+    packed_1d = libra_1d_position_ids(None, 1, length, "cpu", document_ids=doc_ids)
+    alone_1d = [torch.arange(d.shape[1])[None] for d in documents]
+    assert torch.equal(packed_1d, _pack(alone_1d, length, 1))
+    # one document per row = the unpacked positions
+    whole = torch.zeros(1, length, dtype=torch.int64)
+    assert torch.equal(libra_2d_position_ids(vision, R, document_ids=whole)[0], libra_2d_position_ids(vision, R)[0])

@@ -231,3 +231,33 @@ def test_loss_normalisations_against_the_models_own_loss():
     assert results["mean_of_microbatches"] == pytest.approx(float(means), rel=1e-12)
     with pytest.raises(ValueError, match="normalization"):
         train_step(model, None, parts, ParallelState(), lr=1e-3, normalization="tokens")
+
+
+def test_packed_training_resumes_exactly_and_reports_padding(processor_dir, tmp_path, monkeypatch):
+    packed = dict(pack_sequences=True, max_length=96, pack_buffer=16, micro_batch_size=2, global_batch_size=4)
+    reference = train(small_config(processor_dir, tmp_path / "a", **packed))
+    expected = read_metrics(tmp_path / "a")
+    assert all(row["packed_documents"] > 2 * row["step"] * 2 for row in expected)  # several documents per row
+    assert all(0 <= row["padding_fraction"] < 0.5 for row in expected)
+    assert expected[-1]["loss"] < expected[0]["loss"]
+
+    calls = {"n": 0}
+    real_step = trainer.train_step
+
+    def dies_in_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(processor_dir, tmp_path / "b", **packed))
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    resumed = train(small_config(processor_dir, tmp_path / "b", resume=True, **packed))
+    got = read_metrics(tmp_path / "b")
+    assert [row["step"] for row in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(expected, got):
+        assert a["packed_documents"] == b["packed_documents"]
+        assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), (a, b)  # bit-exact
+    assert resumed["loss"] == reference["loss"]
