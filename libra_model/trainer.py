@@ -5,7 +5,8 @@ installed, and a caption generated for held-out images at the end.
 ``TrainConfig`` holds every setting (flat keys, so a YAML file and ``--set key=value`` address them the same way).
 Its defaults are the embedded default run: a tiny Libra trained on generated coloured shapes with captions, which
 takes a few minutes on a laptop CPU and shows a clearly falling loss. ``configs/pretrain.yaml`` and
-``configs/sft.yaml`` hold the paper's two stages (LIBRA.md §8, §10).
+``configs/sft.yaml`` hold the paper's two stages (its Table 4; docs/parallel.md, "The trainer and its
+settings").
 
 Step structure (``libra_model.train_step``): each DP replica draws ``global_batch_size / dp`` samples per step
 as ``grad_accum`` micro-batches of ``micro_batch_size``; the loss is Libra's loss over the whole global batch
@@ -79,7 +80,7 @@ class TrainConfig:
     loss_normalization: str = "global_tokens"
     label_smoothing: float = 0.0  # passed to the model's loss (LibraForCausalLM.loss)
     z_loss_weight: float = 0.0
-    frozen_language: bool = False  # stage 1: only parameters named "*vision*" train (LIBRA.md §1.4)
+    frozen_language: bool = False  # stage 1: only parameters named "*vision*" train
     precision: str = "auto"  # "auto" = bf16 compute on CUDA, fp32 on the CPU; master weights are always fp32
     activation_checkpointing: str | bool = False  # "full" (true) | "selective" | false (modules/recompute.py)
     seed: int = 42
@@ -254,8 +255,8 @@ def step_flops(config: LibraConfig, n_text: int, n_vision: int, sequences: list[
                tp: int = 1) -> float:
     """Model FLOPs of one forward+backward over a micro-batch with ``n_text``/``n_vision`` tokens and the given
     sequence lengths (Libra's real FLOPs: text rows through the dense LLaMA weights, vision rows through the
-    low-rank experts; PERF.md's counting). Backward costs 2× forward for trained weights and 1× (input gradient
-    only) for frozen ones. Divided by ``tp`` (each rank does its share)."""
+    low-rank experts; docs/performance.md's counting). Backward costs 2× forward for trained weights and 1× (input
+    gradient only) for frozen ones. Divided by ``tp`` (each rank does its share)."""
     hidden, inner, kv = config.hidden_size, config.intermediate_size, config.kv_dim
     rank = config.expert_rank
     text_macs = hidden * hidden * 2 + 2 * hidden * kv + 3 * hidden * inner
@@ -323,7 +324,7 @@ def _model_config(cfg: TrainConfig) -> LibraConfig:
 
 
 def freeze_language_(model) -> int:
-    """Stage 1 (LIBRA.md §1.4): every parameter whose name lacks "vision" stops requiring gradients (nothing is
+    """Stage 1: every parameter whose name lacks "vision" stops requiring gradients (nothing is
     unfrozen). Returns the number of frozen parameter elements."""
     frozen = 0
     for name, param in model.named_parameters():
@@ -343,7 +344,8 @@ def _build_model(cfg: TrainConfig, config: LibraConfig, parallel: ParallelState,
         model = LibraForCausalLM.from_llama(cfg.init_llama, dtype=torch.float32, backend=cfg.backend,
                                             **cfg.model_overrides)
     else:
-        # Every rank builds the same full weights from the same seed, then keeps its slice (PARALLEL.md §1(g)).
+        # Every rank builds the same full weights from the same seed, then keeps its slice (docs/parallel.md, "Mesh and
+        # groups").
         model = LibraForCausalLM(config, backend=cfg.backend)
     if cfg.frozen_language:
         freeze_language_(model)

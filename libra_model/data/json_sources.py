@@ -1,4 +1,4 @@
-"""COCO caption JSON and LLaVA instruction JSON (LIBRA.md §8.2), by index.
+"""COCO caption JSON and LLaVA instruction JSON, by index.
 
 COCO (Karpathy split): a list of records with ``image`` (a path relative to the image root) and ``caption`` (a
 string, or a list of strings as in LAVIS's val/test files: each caption becomes its own sample).

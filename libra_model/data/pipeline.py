@@ -42,7 +42,7 @@ def build_source(kind: str, *, shards=None, annotation_file: str | None = None, 
 
 def encode_caption_with_eos(processor, caption: str, image, max_length: int | None = None):
     """The pretraining caption template followed by a target EOS: ``<s>`` + image + "\n" + caption + ``</s>``.
-    Libra's pretraining appends no EOS (LIBRA.md §11.11), so a base model never learns to stop; with it, generation
+    Libra's pretraining appends no EOS, so a base model never learns to stop; with it, generation
     ends after the caption. Returns an ``EncodedSample`` with pixel values."""
     from libra_model.text import Part, build_sample, caption_parts
 

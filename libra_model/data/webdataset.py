@@ -1,4 +1,4 @@
-"""Webdataset-format caption shards (LIBRA.md §8.2): tar files whose members are grouped into samples by key (the
+"""Webdataset-format caption shards (the pretraining data): tar files whose members are grouped into samples by key (the
 member path up to the first dot of its file name), each with an image (``jpg``/``jpeg``/``png``/``webp``) and a
 ``json`` holding a ``caption`` string (``txt`` is accepted as the caption when there is no json caption).
 
