@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from libra_kernels.backend import Kernel, KernelTable, always_available
+from libra_kernels.backend import Kernel, KernelTable, always_available, load_triton_kernels
 from libra_kernels.validation import check_floating, check_like, check_shape, check_tensor
 
 OP = "bridge_attention"
@@ -133,22 +133,7 @@ def _backward_torch(grad_out, q, k, v, k_bridge, v_bridge, vision_mask, key_padd
                  for g, t, need in zip(grads, (q, k, v, k_bridge, v_bridge), needs))
 
 
-try:
-    from libra_kernels.ops import bridge_attention_triton as _triton
-
-    _TRITON_MISSING = ""
-except ImportError as error:  # the package works without Triton; only this backend is then unavailable
-    _triton = None
-    _TRITON_MISSING = f"triton cannot be imported ({error})"
-
-
-def _triton_unavailable(device: torch.device) -> str:
-    if _triton is None:
-        return _TRITON_MISSING
-    if device.type == "cuda" or (device.type == "cpu" and _triton.INTERPRETED):
-        return ""
-    return ("Triton kernels run on CUDA devices, or on the CPU when TRITON_INTERPRET=1 is set before libra_kernels "
-            "is imported")
+_triton, _triton_unavailable = load_triton_kernels("libra_kernels.ops.bridge_attention_triton")
 
 
 def _forward_triton(q, k, v, k_bridge, v_bridge, vision_mask, causal, softmax_scale, key_padding_mask,
