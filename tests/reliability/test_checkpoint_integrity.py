@@ -179,8 +179,13 @@ import json, os, sys
 from libra_model.parallel import dcp_checkpoint as ckpt
 from libra_model.parallel.mesh import init_parallel
 
+import torch.distributed as dist
+
 parallel = init_parallel(1, timeout_s=60)
 print(json.dumps(ckpt.find_resume_checkpoint(sys.argv[1], parallel)), flush=True)
+# A process group left alive at exit can abort the interpreter in gloo's threads ("terminate called ...").
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
