@@ -9,11 +9,10 @@ is not needed):
 * 6% are text only (the ShareGPT part): log-normal with median 600 tokens (sigma 0.8), at least 16;
 * every sample is truncated to 2048 tokens, as the encoder does (an image is kept whole or dropped).
 Padded rows are the unpacked loader's micro-batches of 2 (configs/sft.yaml) padded to their longer sample, and the
-same samples padded to max_length; packed rows are the packer's (first-fit decreasing within buffers of 256).
-Targets: useful fraction >= 0.95 packed; >= 1.6x useful tokens/s packed over padded on a GPU. With this
-distribution the packed fraction is about 0.92 (first-fit decreasing is near its bound here: every image sample
-holds at least 586 tokens, so a 2048-token row fits at most three and often only two); the test asserts what the
-distribution allows (>= 0.90, and above padded rows), not the 0.95 target.
+same samples padded to max_length; packed rows are the packer's (``pack_documents`` within buffers of 256), reported
+beside first-fit decreasing alone on the same buffers (the search's starting point: every image sample holds at least
+586 tokens, so first-fit decreasing leaves many rows with two where three fit).
+Targets: useful fraction >= 0.95 packed; >= 1.6x useful tokens/s packed over padded on a GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import torch
 from common import measure
 
 from libra_model.data import ResumableSampler
-from libra_model.data.packing import PackedLoader
+from libra_model.data.packing import PackedLoader, first_fit_decreasing
 
 MAX_LENGTH, IMAGE, MICRO_BATCH, BUFFER, SAMPLES = 2048, 578, 2, 256, 8192
 
@@ -71,20 +70,24 @@ def fractions(lengths: list[int]) -> dict:
                           collate=lambda rows: rows, buffer_size=BUFFER)
     for _ in range(len(lengths) // (MICRO_BATCH * 4)):  # about half the samples' worth of rows
         next(loader)
+    buffers = [ordered[i:i + BUFFER] for i in range(0, len(ordered) - BUFFER + 1, BUFFER)]
+    ffd_rows = sum(len(first_fit_decreasing(b, MAX_LENGTH)) for b in buffers)
     return {"padded_longest": padded_longest, "padded_max_length": padded_max,
+            "first_fit_decreasing": sum(map(sum, buffers)) / (ffd_rows * MAX_LENGTH),
             "packed": 1.0 - loader.padding_fraction, "documents_per_row": loader.packed_documents / loader.packed_rows}
 
 
 def test_packing_useful_fraction(benchmark, record):
     lengths = llava_like_lengths(SAMPLES)
     result = benchmark.pedantic(fractions, args=(lengths,), rounds=1, iterations=1)
-    for name in ("padded_longest", "padded_max_length", "packed"):
+    for name in ("padded_longest", "padded_max_length", "first_fit_decreasing", "packed"):
         record("packing", dict(op="useful token fraction", shape=f"llava-like, max_length {MAX_LENGTH}",
                                dtype="-", impl=name, ratio=round(result[name], 4)))
     print(f"useful-token fraction: padded to the longer of 2 {result['padded_longest']:.3f}, padded to "
-          f"{MAX_LENGTH} {result['padded_max_length']:.3f}, packed {result['packed']:.3f} "
+          f"{MAX_LENGTH} {result['padded_max_length']:.3f}, first-fit decreasing {result['first_fit_decreasing']:.3f}, "
+          f"packed {result['packed']:.3f} "
           f"({result['documents_per_row']:.2f} samples per row)")
-    assert result["packed"] >= 0.90 and result["packed"] > result["padded_longest"], result
+    assert result["packed"] >= 0.95 and result["packed"] > result["first_fit_decreasing"], result
 
 
 def _batch(config, rows: list[list[int]], length: int, device):

@@ -63,7 +63,7 @@ class TrainConfig:
     caption_eos: bool = True  # end captions with a target EOS so generation stops (the paper's pretraining: false)
     prefetch: int = 0
     pack_sequences: bool = False  # pack samples into rows of max_length tokens (null: max_position_embeddings)
-    pack_buffer: int = 256  # samples packed together (first-fit decreasing within the buffer)
+    pack_buffer: int = 256  # samples packed together (libra_model.data.packing.pack_documents)
     # optimisation
     max_steps: int = 800
     global_batch_size: int = 32

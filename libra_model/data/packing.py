@@ -1,9 +1,9 @@
 """Sequence packing for training: several encoded samples (documents) share a row of ``max_length`` tokens.
 
 Instruction-tuning samples are mostly far shorter than the row, so a padded batch spends most of its compute on
-padding. :class:`PackedLoader` reads a buffer of encoded samples in the sampler's order, places them into rows by
-first-fit decreasing (longest first, each into the first row with room; ties broken by the order in the buffer, so
-the result depends only on the buffer) and hands out batches of ``micro_batch_size`` rows. A sample is never split:
+padding. :class:`PackedLoader` reads a buffer of encoded samples in the sampler's order, places them into rows with
+:func:`pack_documents` (first-fit decreasing, then a seeded local search that empties rows; the result depends only
+on the buffer) and hands out batches of ``micro_batch_size`` rows. A sample is never split:
 it is whole in one row (the encoder already truncated it to ``max_length``; an image it cuts stays in its sample),
 so no image crosses a document or a row.
 
@@ -20,6 +20,7 @@ those rows.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import torch
@@ -48,6 +49,51 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
             bins.append([i])
             free.append(capacity - lengths[i])
     return bins
+
+
+# Local-search proposals per sample in the buffer: at 128 the search costs about 0.05 s per 256 samples in Python
+# and takes the useful fraction of LLaVA-like rows from 0.92 (first-fit decreasing) to about 0.97
+# (bench/test_bench_packing.py).
+SEARCH_STEPS_PER_ITEM = 128
+
+
+def pack_documents(lengths: list[int], capacity: int, *, steps: int | None = None, seed: int = 0
+                   ) -> list[list[int]]:
+    """Bins of indices into ``lengths`` (every index in exactly one bin, each bin's lengths summing to at most
+    ``capacity``), in few bins.
+
+    First-fit decreasing, then ``steps`` (default ``SEARCH_STEPS_PER_ITEM`` per item) seeded random proposals: move
+    one item to another bin, or swap two items of different bins, accepted when it fits and does not decrease the sum
+    of the squared bin fills. That sum grows as items gather in fuller bins, so the emptier bins drain and vanish;
+    first-fit decreasing alone strands many rows of this workload's 600-800-token image samples two to a row where a
+    rearrangement fits three. Deterministic given the arguments; never more bins than first-fit decreasing.
+    """
+    bins = first_fit_decreasing(lengths, capacity)
+    steps = SEARCH_STEPS_PER_ITEM * len(lengths) if steps is None else steps
+    if len(bins) < 2 or steps <= 0:
+        return bins
+    rng = random.Random(seed)
+    fill = [sum(lengths[i] for i in b) for b in bins]
+    for _ in range(steps):
+        a, b = rng.randrange(len(bins)), rng.randrange(len(bins))
+        if a == b or not bins[a]:
+            continue
+        ia = rng.randrange(len(bins[a]))
+        x = lengths[bins[a][ia]]
+        if not bins[b] or rng.random() < 0.5:
+            # move: (fa - x)^2 + (fb + x)^2 >= fa^2 + fb^2  <=>  fb + x >= fa
+            if fill[b] + x <= capacity and fill[b] + x >= fill[a]:
+                bins[b].append(bins[a].pop(ia))
+                fill[a] -= x
+                fill[b] += x
+            continue
+        ib = rng.randrange(len(bins[b]))
+        d = x - lengths[bins[b][ib]]  # a swap moves d tokens from a to b
+        if fill[b] + d <= capacity and fill[a] - d <= capacity and d * (fill[b] - fill[a] + d) >= 0:
+            bins[a][ia], bins[b][ib] = bins[b][ib], bins[a][ia]
+            fill[a] -= d
+            fill[b] += d
+    return [b for b in bins if b]
 
 
 def concatenate_samples(samples):
@@ -149,7 +195,7 @@ class PackedLoader:
                                  f"{self.max_length}; encode with the same max_length")
             if len(sample):
                 samples.append(sample)
-        bins = first_fit_decreasing([len(s) for s in samples], self.max_length)
+        bins = pack_documents([len(s) for s in samples], self.max_length)
         self._rows = [[samples[i] for i in row] for row in bins]
 
     def __iter__(self):

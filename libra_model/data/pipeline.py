@@ -157,7 +157,7 @@ def build_loader(source, processor, *, micro_batch_size: int, seed: int, dp_rank
 
     With ``pack_sequences`` (needs ``max_length``; no prefetch): a :class:`~libra_model.data.packing.PackedLoader`
     whose batches are ``micro_batch_size`` rows of ``max_length`` tokens, each holding several samples packed by
-    first-fit decreasing within buffers of ``pack_buffer`` samples, with ``document_ids``."""
+    ``pack_documents`` within buffers of ``pack_buffer`` samples, with ``document_ids``."""
     encoded = EncodedSource(source, processor, max_length, caption_eos)
     sampler = ResumableSampler(len(source), seed=seed, dp_rank=dp_rank, dp_size=dp_size, shuffle=shuffle)
     if pack_sequences:

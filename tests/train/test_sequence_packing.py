@@ -1,11 +1,12 @@
-"""Sequence packing (libra_model.data.packing): first-fit decreasing, whole samples per row, deterministic and
-exactly resumable, and the packed host batch (document ids, no target at a document's first position)."""
+"""Sequence packing (libra_model.data.packing): first-fit decreasing and the local search after it, whole samples
+per row, deterministic and exactly resumable, and the packed host batch (document ids, no target at a document's
+first position)."""
 
 import pytest
 import torch
 
 from libra_model.data import ResumableSampler, SampleError
-from libra_model.data.packing import PackedLoader, concatenate_samples, first_fit_decreasing
+from libra_model.data.packing import PackedLoader, concatenate_samples, first_fit_decreasing, pack_documents
 from libra_model.text import EncodedSample
 
 
@@ -18,6 +19,58 @@ def test_first_fit_decreasing():
     assert first_fit_decreasing([10, 10], 10) == [[0], [1]]  # a document that fills its row
     with pytest.raises(ValueError, match="max_length"):
         first_fit_decreasing([11], 10)
+
+
+def fewest_bins(lengths, capacity):
+    """The optimum bin count, by exhaustive search (small inputs only)."""
+    order, best = sorted(lengths, reverse=True), [len(lengths)]
+
+    def place(k, fills):
+        if len(fills) >= best[0]:
+            return
+        if k == len(order):
+            best[0] = len(fills)
+            return
+        for j, f in enumerate(fills):
+            if f + order[k] <= capacity and f not in fills[:j]:
+                fills[j] += order[k]
+                place(k + 1, fills)
+                fills[j] -= order[k]
+        place(k + 1, fills + [order[k]])
+
+    place(0, [])
+    return best[0]
+
+
+def test_pack_documents_beats_first_fit_decreasing():
+    import random
+
+    # first-fit decreasing opens 3 rows (11+6, 6+5+4+4, 4); two rows hold everything (11+5+4, 6+6+4+4)
+    lengths = [4, 5, 11, 6, 4, 4, 6]
+    assert len(first_fit_decreasing(lengths, 20)) == 3
+    bins = pack_documents(lengths, 20)
+    assert len(bins) == 2 and sorted(i for b in bins for i in b) == list(range(7))
+    assert all(sum(lengths[i] for i in b) <= 20 for b in bins)
+    assert pack_documents(lengths, 20) == bins  # deterministic
+    assert pack_documents(lengths, 20, steps=0) == first_fit_decreasing(lengths, 20)
+    assert pack_documents([20], 20) == [[0]] and pack_documents([], 20) == []
+
+    rng = random.Random(0)
+    suboptimal = reached = 0
+    for _ in range(600):
+        lengths = [rng.randint(4, 11) for _ in range(rng.randint(1, 10))]
+        bins = pack_documents(lengths, 20)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(b and sum(lengths[i] for i in b) <= 20 for b in bins)
+        ffd, best = len(first_fit_decreasing(lengths, 20)), fewest_bins(lengths, 20)
+        assert best <= len(bins) <= ffd
+        if ffd > best:
+            suboptimal += 1
+            reached += len(bins) == best
+    # first-fit decreasing misses the optimum on a few percent of these; the search recovers most of them
+    assert suboptimal >= 10 and reached >= 0.8 * suboptimal, (suboptimal, reached)
+    with pytest.raises(ValueError, match="max_length"):
+        pack_documents([21], 20)
 
 
 def sample(n, image_at=None, image_length=4, tag=0):
