@@ -4,6 +4,9 @@ import/export, decoding, data pipelines and the tensor-parallel trainer.
 The main names are importable from here (loaded on first use, so ``import libra_model.config`` stays light)::
 
     from libra_model import LibraConfig, LibraForCausalLM, init_from_llama
+
+Decoding is ``LibraForCausalLM.generate`` (or ``libra_model.decoding.generate``); ``libra_model.generate`` is the
+command-line module, not re-exported as a function, so the name means one thing whatever was imported first.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ _EXPORTS = {
     "BridgeKVCache": "libra_model.modules.cache",
     "StaticBridgeKVCache": "libra_model.modules.cache",
     "GenerationOutput": "libra_model.decoding",
-    "generate": "libra_model.decoding",
     "init_from_llama": "libra_model.model",
     "load_libra": "libra_model.model",
     "save_pretrained": "libra_model.hf_checkpoint",
