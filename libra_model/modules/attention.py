@@ -121,12 +121,14 @@ class LibraAttention(nn.Module):
         delta = F.linear(F.linear(x[n_text:], expert.weight_A), expert.weight_B)
         return torch.cat([y[:n_text], y[n_text:] + delta])
 
-    def _bridge_up(self, lows: torch.Tensor, n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bridge terms (k, v), each [T, kv_dim], from their rank-r products ``lows`` [2, T, r]: each row through
-        the B factor of its own modality, both bridges in one grouped ``routed_linear``."""
+    def _bridge_up(self, lows: torch.Tensor, layout: ModalityLayout) -> list[torch.Tensor]:
+        """The bridge terms (k, v), each [B, N, kv_dim] in sequence order, from their rank-r products ``lows``
+        [2, T, r] (sorted rows): each row through the B factor of its own modality, both bridges in one grouped
+        ``routed_linear``, then unsorted group by group (whose backward hands the op one gradient without a copy)."""
         language, vision = self._bridge_b_factors()
-        terms = routed_linear(lows, n_text, language, vision, backend=op_backend(self.backend, "routed_linear"))
-        return terms.unbind(0)
+        terms = routed_linear(lows, layout.n_text, language, vision,
+                              backend=op_backend(self.backend, "routed_linear"))
+        return layout.unsort_groups(terms)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """x: [T, hidden] normed hidden states in sorted order (model dtype); under sequence parallelism only the
@@ -158,10 +160,9 @@ class LibraAttention(nn.Module):
             # then. The grouped op reads and returns the gradient of that layout, so backward needs no copy here.
             rows, rank = outputs[0].shape
             lows = torch.cat(outputs, dim=1).view(rows, len(outputs), rank).transpose(0, 1)
-            k_bridge, v_bridge = self._bridge_up(lows, n_text)
+            k_bridge, v_bridge = (t.view(batch, length, -1, self.head_dim) for t in self._bridge_up(lows, layout))
             # RoPE is linear: the key bridge term is rotated like k, all three in one operator
-            q, k, k_bridge = rope(heads(q), heads(k), heads(k_bridge))
-            v_bridge = heads(v_bridge)
+            q, k, k_bridge = rope(heads(q), heads(k), k_bridge)
         else:
             q, k = rope(heads(q), heads(k))
             k_bridge = v_bridge = torch.zeros_like(k)
