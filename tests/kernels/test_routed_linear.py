@@ -306,6 +306,17 @@ def test_grouped_contiguous_input_and_stacked_weights(backend):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("backend", ROUTED_LINEAR_GROUPED)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_grouped_non_contiguous_weights(backend, groups):
+    """Transposed (column-major) weights cannot be packed: the per-group GEMMs still give the reference."""
+    x = torch.randn(groups, 17, 6, dtype=torch.float64)
+    w_text = [torch.randn(6, 5, dtype=torch.float64).T for _ in range(groups)]
+    w_vision = [torch.randn(6, 5, dtype=torch.float64).T for _ in range(groups)]
+    torch.testing.assert_close(routed_linear(x, 8, w_text, w_vision, backend=backend),
+                               routed_linear_ref(x, 8, w_text, w_vision), rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_grouped_reference_matches_row_formula(groups):
     inputs = make_grouped_inputs(groups, 23, 9, 14, 11)
