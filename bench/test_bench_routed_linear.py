@@ -6,6 +6,9 @@
 - "boolean mask": the reference implementation's x[mask] gather and y[mask] = ... scatter (a host sync each).
 
 The fused attention input projection (``routed_projections``) is benchmarked in test_bench_routed_projections.py.
+``test_routed_linear_grouped``: the grouped form on attention's k and v bridge B factors (x the [2, T, 8] view of a
+[T, 2, 8] buffer, dense [kv_dim, 8] weights per bridge and modality), packed and unpacked, against two
+``routed_linear`` calls (one per bridge, as before the grouped form) and the same GEMMs on pre-sorted rows.
 
 GPU: the docs/performance.md pre and sft mixes at LLaMA-2-7B sizes in bfloat16. CPU: an eighth of the rows and a
 sixteenth of the widths, float32, so the suite runs on a development machine (CPU numbers are not performance targets;
@@ -16,8 +19,8 @@ import pytest
 import torch
 from common import best_of_rounds
 
-from libra_kernels import routed_linear
-from libra_kernels.ops.routed_linear import TABLE
+from libra_kernels import pack_rows, routed_linear
+from libra_kernels.ops.routed_linear import GROUPED_TABLE, TABLE
 
 # (name, T, n_text): pre = 8 rows of 640 tokens with one 578-token image each; sft = 2 rows of 2048, one image each.
 GPU_MIXES = [("pre", 5120, 8 * (640 - 578)), ("sft", 4096, 2 * (2048 - 578))]
@@ -98,4 +101,52 @@ def test_routed_linear(benchmark, record, device, mix, projection):
         record("routed_linear", dict(op=f"routed_linear {name} fwd+bwd", shape=mix_name, dtype=str(dtype)[6:],
                                      impl=label, **result, tflops=flops / result["ms"] / 1e9,
                                      ratio=result["ms"] / base, baseline="pre-sorted GEMMs"))
+    benchmark.extra_info.update({k: v["ms"] for k, v in results.items()})
+
+
+# the bridge B factors: kv_dim outputs from the rank-8 products (LLaMA-2-7B: kv_dim 4096; CPU: a sixteenth)
+GPU_BRIDGE, CPU_BRIDGE = (4096, 8), (256, 8)
+
+
+@pytest.mark.parametrize("mix", range(2))
+def test_routed_linear_grouped(benchmark, record, device, mix):
+    mixes, _, dtype = _setup(device)
+    mix_name, rows, n_text = mixes[mix]
+    kv_dim, rank = GPU_BRIDGE if device.type == "cuda" else CPU_BRIDGE
+    make = lambda *s: (torch.randn(*s, device=device, dtype=dtype) / s[-1] ** 0.5).requires_grad_()
+    buffer = make(rows, 2, rank)
+    x = buffer.transpose(0, 1)
+    language, vision = [make(kv_dim, rank) for _ in range(2)], [make(kv_dim, rank) for _ in range(2)]
+    packed_language = [w.detach().clone().requires_grad_() for w in language]
+    packed_vision = [w.detach().clone().requires_grad_() for w in vision]
+    pack_rows(packed_language)
+    pack_rows(packed_vision)
+    grad = torch.randn(2, rows, kv_dim, device=device, dtype=dtype)
+    grads = grad.unbind(0)
+    x_text, x_vision = (buffer.detach()[:n_text].clone().requires_grad_(),
+                        buffer.detach()[n_text:].clone().requires_grad_())
+
+    def presorted():
+        ys = [t for g in range(2) for t in (x_text[:, g] @ language[g].T, x_vision[:, g] @ vision[g].T)]
+        cotangents = [t for g in range(2) for t in (grad[g, :n_text], grad[g, n_text:])]
+        return torch.autograd.grad(ys, [x_text, x_vision, *language, *vision], cotangents)
+
+    candidates = {"pre-sorted GEMMs": presorted}
+    for backend, kernel in GROUPED_TABLE.kernels.items():
+        if kernel.unavailable(device):
+            continue
+        for label, (wl, wv) in (("packed", (packed_language, packed_vision)), ("unpacked", (language, vision))):
+            candidates[f"libra {backend} grouped, {label}"] = (lambda name, wl, wv: lambda: torch.autograd.grad(
+                routed_linear(x, n_text, wl, wv, backend=name), [buffer, *wl, *wv], grad))(backend, wl, wv)
+        candidates[f"libra {backend}, one call per bridge"] = (lambda name: lambda: torch.autograd.grad(
+            [routed_linear(x[g], n_text, language[g], vision[g], backend=name) for g in range(2)],
+            [buffer, *language, *vision], list(grads)))(backend)
+    results = best_of_rounds(candidates, device, 1 if device.type == "cuda" else 2, CPU_REPS)
+    fastest = f"libra {GROUPED_TABLE.resolve('auto', device)} grouped, packed"
+    benchmark.pedantic(candidates[fastest], rounds=3, warmup_rounds=1)
+    base = results["pre-sorted GEMMs"]["ms"]
+    for label, result in results.items():
+        record("routed_linear_grouped", dict(op="bridge B factors (k, v) fwd+bwd", shape=mix_name,
+                                             dtype=str(dtype)[6:], impl=label, **result, ratio=result["ms"] / base,
+                                             baseline="pre-sorted GEMMs"))
     benchmark.extra_info.update({k: v["ms"] for k, v in results.items()})

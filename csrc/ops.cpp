@@ -31,6 +31,14 @@ TORCH_LIBRARY(libra, m) {
   m.def(
       "routed_linear_bwd(Tensor grad_y, Tensor x, Tensor low, SymInt n_text, Tensor w_text, Tensor w_vision_a, "
       "Tensor? w_vision_b, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The grouped form: G projections with dense vision weights, x [G, T, in], w_text[g] and w_vision[g] [out, in].
+  // Returns y [G, T, out]; one batched GEMM per modality when each list is packed in one buffer.
+  m.def("routed_linear_grouped_fwd(Tensor x, SymInt n_text, Tensor[] w_text, Tensor[] w_vision) -> Tensor");
+  // needs = which of (x, w_text, w_vision) want a gradient. Returns (dx with x's strides, d_w_text [G, out, in],
+  // d_w_vision [G, out, in]), an empty [0] tensor for each one not asked for.
+  m.def(
+      "routed_linear_grouped_bwd(Tensor grad_y, Tensor x, SymInt n_text, Tensor[] w_text, Tensor[] w_vision, "
+      "bool[3] needs) -> (Tensor, Tensor, Tensor)");
 
   // ---- several routed projections of one input (attention's q, k, v and bridge A factors): map i has w_text[i]
   // [out_i, in], w_vision_a[i] [r_i, in] and, when has_b[i] is 1, a B factor [out_i, r_i] (w_vision_b lists those

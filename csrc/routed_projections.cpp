@@ -16,27 +16,9 @@ namespace {
 
 using libra::check_routed_linear_inputs;
 using libra::mm_into;
+using libra::packed_rows;
 using libra::none_like;
 using libra::weight_grad;
-
-// The rows of `parts` as one [sum of rows, in] matrix when they are consecutive row blocks of one contiguous
-// buffer (no copy); an undefined tensor otherwise.
-at::Tensor packed_rows(const std::vector<at::Tensor>& parts) {
-  const auto& first = parts.front();
-  if (parts.size() == 1) {
-    return first;
-  }
-  int64_t next_offset = first.storage_offset(), rows = 0;
-  for (const auto& part : parts) {
-    if (!part.is_contiguous() || part.size(1) != first.size(1) || part.scalar_type() != first.scalar_type() ||
-        part.storage_offset() != next_offset || !part.storage().is_alias_of(first.storage())) {
-      return at::Tensor();
-    }
-    next_offset += part.numel();
-    rows += part.size(0);
-  }
-  return first.as_strided({rows, first.size(1)}, {first.size(1), 1}, first.storage_offset());
-}
 
 // Column offsets of consecutive blocks of the given widths, plus the total width at the end.
 std::vector<int64_t> offsets(const std::vector<int64_t>& widths) {

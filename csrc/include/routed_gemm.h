@@ -4,11 +4,32 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace libra {
 
 // out = a @ b, written by the GEMM itself into out, a row or column slice of a larger buffer: BLAS takes the
 // buffer's row stride as the leading dimension, so there is no temporary and no copy.
 inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
+// The rows of `parts` as one [sum of rows, in] matrix when they are consecutive row blocks of one contiguous
+// buffer (no copy); an undefined tensor otherwise.
+inline at::Tensor packed_rows(const std::vector<at::Tensor>& parts) {
+  const auto& first = parts.front();
+  if (parts.size() == 1) {
+    return first;
+  }
+  int64_t next_offset = first.storage_offset(), rows = 0;
+  for (const auto& part : parts) {
+    if (!part.is_contiguous() || part.size(1) != first.size(1) || part.scalar_type() != first.scalar_type() ||
+        part.storage_offset() != next_offset || !part.storage().is_alias_of(first.storage())) {
+      return at::Tensor();
+    }
+    next_offset += part.numel();
+    rows += part.size(0);
+  }
+  return first.as_strided({rows, first.size(1)}, {first.size(1), 1}, first.storage_offset());
+}
 
 // The shape checks of one routed projection (w_vision_b absent: a dense vision weight).
 inline void check_routed_linear_inputs(const at::Tensor& x, int64_t n_text, const at::Tensor& w_text,

@@ -98,6 +98,46 @@ if _ext.cpp_extension_loaded():
     torch.library.register_autograd("libra::permute_rows", _permute_backward, setup_context=_permute_setup_context)
 
 
+@torch.library.custom_op("libra::unsort_groups", mutates_args=())
+def unsort_groups_op(y: torch.Tensor, index: torch.Tensor, inverse_index: torch.Tensor, backend: str
+                     ) -> list[torch.Tensor]:
+    """Registered operator: ``[permute_rows(y[g], index, inverse_index) for g]``, G fresh [T, ...] tensors, each by
+    the named backend's row permutation."""
+    kernel = PERMUTE_TABLE.get(backend)
+    return [kernel.forward(y[g], index, inverse_index) for g in range(y.shape[0])]
+
+
+@unsort_groups_op.register_fake
+def _fake_unsort_groups(y, index, inverse_index, backend):
+    return [torch.empty_like(y[g], memory_format=torch.contiguous_format) for g in range(y.shape[0])]
+
+
+def _unsort_groups_setup_context(ctx, inputs, output):
+    y, _index, inverse_index, _backend = inputs
+    ctx.save_for_backward(inverse_index)
+    ctx.shape, ctx.dtype = y.shape, y.dtype
+    ctx.set_materialize_grads(False)  # a group without a gradient costs a zero fill of its slice, nothing more
+
+
+def _unsort_groups_backward(ctx, grads):
+    (inverse_index,) = ctx.saved_tensors
+    present = next((g for g in grads if g is not None), None)
+    if present is None:
+        return None, None, None, None
+    # Each group's gradient is gathered by the inverse permutation straight into its slice of the one gradient of y:
+    # G gathers, no stacking copy.
+    grad_y = present.new_empty(ctx.shape, dtype=ctx.dtype)
+    for g, grad in enumerate(grads):
+        if grad is None:
+            grad_y[g].zero_()
+        else:
+            torch.index_select(grad.to(ctx.dtype), 0, inverse_index, out=grad_y[g])
+    return grad_y, None, None, None
+
+
+unsort_groups_op.register_autograd(_unsort_groups_backward, setup_context=_unsort_groups_setup_context)
+
+
 @dataclass(frozen=True)
 class ModalityLayout:
     """Where every token of a [B, N] batch lives in the sorted [T, ...] residual stream (T = B·N).
@@ -181,6 +221,18 @@ class ModalityLayout:
             raise ValueError(f"ModalityLayout.unsort: y must have {batch * length} rows, got {tuple(y.shape)}")
         out = permute_rows(y, self.row_of.reshape(-1), self.sort_index, self.backend)
         return out.view(batch, length, *y.shape[1:])
+
+    def unsort_groups(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """[G, T, ...] in sorted order (G groups, e.g. the output of a grouped ``routed_linear``) -> G tensors
+        [B, N, ...], each like ``unsort(y[g])`` (differentiable). The backward gathers the G gradients straight into
+        one [G, T, ...] gradient of y, where unbinding y and unsorting each group would stack them in one more copy."""
+        batch, length = self.shape
+        if not isinstance(y, torch.Tensor) or y.dim() < 2 or y.shape[1] != batch * length:
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"ModalityLayout.unsort_groups: y must be a [G, {batch * length}, ...] tensor (G groups "
+                             f"of the layout's rows), got {shape}")
+        outs = unsort_groups_op(y, self.row_of.reshape(-1), self.sort_index, resolve_backend(self.backend, y.device))
+        return [out.view(batch, length, *y.shape[2:]) for out in outs]
 
     def to(self, device: torch.device | str) -> ModalityLayout:
         """The same layout with its index tensors on ``device`` (unless "torch" was asked for, the implementation is

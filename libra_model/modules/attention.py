@@ -3,7 +3,9 @@ token's own modality, RoPE and the fused bridge attention in sequence order, rou
 (docs/model.md §5).
 
 The q/k/v maps and the bridges' A factors run as one ``routed_projections`` (one GEMM per modality once
-:meth:`LibraAttention.pack_` has packed their weights); RoPE of q, k and the key bridge term is one ``rotary``.
+:meth:`LibraAttention.pack_` has packed their weights), the k and v bridges' B factors as one grouped
+``routed_linear`` (one batched GEMM per modality, packed likewise); RoPE of q, k and the key bridge term is one
+``rotary``.
 
 Tensor parallelism: the block calls "f" (``copy_to_tp_region``) on its replicated normed input once, before any
 projection, and "g" (``reduce_from_tp_region``) on the output of the o projection; under sequence parallelism
@@ -93,14 +95,23 @@ class LibraAttention(nn.Module):
             w_a, w_b = [e.weight_A for e in experts] + w_a, [e.weight_B for e in experts] + w_b
         return w_text, w_a, w_b
 
+    def _bridge_b_factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The B factors [kv_dim, r] of the k and v bridges: (language side, vision side), empty without bridges."""
+        language, vision = self._bridge_factors()
+        return [a.weight_B for a in language], [a.weight_B for a in vision]
+
     def pack_(self) -> None:
-        """Put the text weights of :meth:`_input_maps` in one buffer and their vision A factors in another (the
-        parameters become row blocks of it; values, names and shapes unchanged), so they run as one GEMM per
-        modality. Call it after the weights reached their device, dtype and (tensor-parallel) shard."""
+        """Put the text weights of :meth:`_input_maps` in one buffer and their vision A factors in another, and the
+        k and v bridges' B factors of each side in one buffer per side (the parameters become row blocks of it;
+        values, names and shapes unchanged), so they run as one GEMM per modality. Call it after the weights reached
+        their device, dtype and (tensor-parallel) shard."""
         w_text, w_a, _ = self._input_maps()
         if w_text:
             pack_rows(w_text)
             pack_rows(w_a)
+        for factors in self._bridge_b_factors():
+            if factors:
+                pack_rows(factors)
 
     def _dense_plus_expert(self, x: torch.Tensor, n_text: int, dense: nn.Linear, expert: LibraLinear
                            ) -> torch.Tensor:
@@ -110,11 +121,14 @@ class LibraAttention(nn.Module):
         delta = F.linear(F.linear(x[n_text:], expert.weight_A), expert.weight_B)
         return torch.cat([y[:n_text], y[n_text:] + delta])
 
-    def _bridge_up(self, low: torch.Tensor, n_text: int, side: int) -> torch.Tensor:
-        """A bridge term [T, kv_dim] from its rank-r product: each row through the B factor of its own modality."""
-        language, vision = self._bridge_factors()
-        return routed_linear(low, n_text, language[side].weight_B, vision[side].weight_B,
-                             backend=op_backend(self.backend, "routed_linear"))
+    def _bridge_up(self, lows: torch.Tensor, layout: ModalityLayout) -> list[torch.Tensor]:
+        """The bridge terms (k, v), each [B, N, kv_dim] in sequence order, from their rank-r products ``lows``
+        [2, T, r] (sorted rows): each row through the B factor of its own modality, both bridges in one grouped
+        ``routed_linear``, then unsorted group by group (whose backward hands the op one gradient without a copy)."""
+        language, vision = self._bridge_b_factors()
+        terms = routed_linear(lows, layout.n_text, language, vision,
+                              backend=op_backend(self.backend, "routed_linear"))
+        return layout.unsort_groups(terms)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """x: [T, hidden] normed hidden states in sorted order (model dtype); under sequence parallelism only the
@@ -141,13 +155,14 @@ class LibraAttention(nn.Module):
             return rotary(list(tensors), ctx.cos, ctx.sin, backend=op_backend(self.backend, "rotary"))
 
         if self.config.use_bridge:
-            # The rank-r products leave the wide q/k/v buffer in one small copy: the B factors' backward keeps its
-            # input, and a view would keep the whole [T, q+k+v] buffer alive until then.
-            lows = torch.cat(outputs, dim=1).split([low.shape[1] for low in outputs], dim=1)
-            k_bridge, v_bridge = (self._bridge_up(low, n_text, side) for side, low in enumerate(lows))
+            # The rank-r products leave the wide q/k/v buffer in one small copy, a [T, 2, r] buffer seen as [2, T, r]:
+            # the B factors' backward keeps its input, and a view would keep the whole [T, q+k+v] buffer alive until
+            # then. The grouped op reads and returns the gradient of that layout, so backward needs no copy here.
+            rows, rank = outputs[0].shape
+            lows = torch.cat(outputs, dim=1).view(rows, len(outputs), rank).transpose(0, 1)
+            k_bridge, v_bridge = (t.view(batch, length, -1, self.head_dim) for t in self._bridge_up(lows, layout))
             # RoPE is linear: the key bridge term is rotated like k, all three in one operator
-            q, k, k_bridge = rope(heads(q), heads(k), heads(k_bridge))
-            v_bridge = heads(v_bridge)
+            q, k, k_bridge = rope(heads(q), heads(k), k_bridge)
         else:
             q, k = rope(heads(q), heads(k))
             k_bridge = v_bridge = torch.zeros_like(k)

@@ -35,7 +35,7 @@ def _kept_ops() -> frozenset:
     aten = torch.ops.aten
     ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default,
            aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default}
-    for name in ("routed_projections", "routed_linear", "routed_swiglu", "bridge_attention"):
+    for name in ("routed_projections", "routed_linear", "routed_linear_grouped", "routed_swiglu", "bridge_attention"):
         ops.add(getattr(torch.ops.libra, name).default)
     return frozenset(ops)
 

@@ -14,5 +14,6 @@ def runnable(table, device="cpu"):
 
 RMS_NORM = runnable(rms_norm.TABLE)
 ROUTED_LINEAR = runnable(routed_linear.TABLE)
+ROUTED_LINEAR_GROUPED = runnable(routed_linear.GROUPED_TABLE)
 BRIDGE_ATTENTION = runnable(bridge_attention.TABLE)
 CROSS_ENTROPY = runnable(cross_entropy.TABLE)

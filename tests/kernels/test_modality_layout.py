@@ -170,3 +170,70 @@ def test_cuda_layout_object_round_trip():
     assert torch.equal(layout.unsort(layout.sort(x)), x)
     y = torch.randn(2, 2048, 3, device="cuda", dtype=torch.float16)  # 6-byte rows: the 2-byte copy path
     assert torch.equal(layout.unsort(layout.sort(y)), y)
+
+
+# ---- unsort_groups: G groups of sorted rows unsorted at once, one gradient tensor back
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mix", ["random", "text", "vision"])
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_unsort_groups_is_unsort_of_each_group(backend, mix, groups):
+    layout = ModalityLayout.from_vision_mask(random_vision_mask(3, 13, mix), backend=backend)
+    y = torch.randn(groups, 39, 2, 5, dtype=torch.float64, requires_grad=True)
+    outs = layout.unsort_groups(y)
+    assert len(outs) == groups
+    reference = torch.randn(groups, 39, 2, 5, dtype=torch.float64).copy_(y.detach()).requires_grad_()
+    expected = [layout.unsort(reference[g]) for g in range(groups)]
+    grads = [torch.randn(3, 13, 2, 5, dtype=torch.float64) for _ in range(groups)]
+    for out, want in zip(outs, expected):
+        assert out.shape == (3, 13, 2, 5) and out.is_contiguous() and torch.equal(out, want)
+    torch.autograd.backward(outs, grads)
+    torch.autograd.backward(expected, grads)
+    assert torch.equal(y.grad, reference.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsort_groups_group_without_gradient(backend):
+    """A group whose output gets no gradient contributes zeros, the others their gather."""
+    layout = ModalityLayout.from_vision_mask(random_vision_mask(2, 9, "random"), backend=backend)
+    y = torch.randn(2, 18, 4, requires_grad=True)
+    first, _second = layout.unsort_groups(y)
+    grad = torch.randn(2, 9, 4)
+    first.backward(grad)
+    assert torch.equal(y.grad[0], layout.sort(grad)) and torch.equal(y.grad[1], torch.zeros(18, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsort_groups_gradcheck_and_compile(backend):
+    layout = ModalityLayout.from_vision_mask(random_vision_mask(3, 7, "random"), backend=backend)
+    y = torch.randn(2, 21, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y: tuple(layout.unsort_groups(y)), (y,))
+    compiled = torch.compile(lambda y: [t * 2 for t in layout.unsort_groups(y)], fullgraph=True, backend="eager")
+    for got, want in zip(compiled(y.detach()), layout.unsort_groups(y.detach())):
+        assert torch.equal(got, want * 2)
+    torch.library.opcheck(torch.ops.libra.unsort_groups,
+                          (y, layout.row_of.reshape(-1), layout.sort_index, layout.backend))
+
+
+@CPP
+def test_cpp_unsort_groups_backward_gathers_into_one_gradient():
+    """Forward: one permute_rows per group; backward: one gather per group written into the gradient of y, no
+    stacking or concatenation copy."""
+    layout = ModalityLayout.from_vision_mask(random_vision_mask(4, 33, "random"), backend="cpp")
+    y = torch.randn(2, 132, 16, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        outs = layout.unsort_groups(y)
+    assert Counter(event.name for event in prof.events())["libra::permute_rows"] == 2
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.autograd.backward(outs, [torch.randn(4, 33, 16) for _ in outs])
+    names = Counter(event.name for event in prof.events())
+    assert names["aten::index_select"] == 2, names
+    forbidden = {"aten::stack", "aten::cat", "aten::copy_", "aten::zero_", "aten::index_add_", "aten::scatter"}
+    assert not forbidden & set(names), sorted(forbidden & set(names))
+
+
+@pytest.mark.parametrize("bad", [torch.randn(21, 3), torch.randn(2, 20, 3), "y"])
+def test_unsort_groups_bad_input(bad):
+    layout = ModalityLayout.from_vision_mask(random_vision_mask(3, 7, "random"))
+    with pytest.raises(ValueError, match=r"unsort_groups: y must be a \[G, 21, \.\.\.\] tensor"):
+        layout.unsort_groups(bad)

@@ -25,7 +25,7 @@ def forward_inputs(batch):
 def packed_groups(layer):
     attn, mlp = layer.self_attn, layer.mlp
     w_text, w_a, _ = attn._input_maps()
-    return [w_text, w_a, [mlp.gate_proj.weight, mlp.up_proj.weight],
+    return [w_text, w_a, *attn._bridge_b_factors(), [mlp.gate_proj.weight, mlp.up_proj.weight],
             [mlp.vision_gate_proj.weight_A, mlp.vision_up_proj.weight_A]]
 
 
@@ -45,10 +45,13 @@ def run(model, batch, double_signal):
     return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("reference_backend", ["auto", "torch"])
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"addition_mode": True},
                                        {"use_bridge": False}, {"vision_prediction_mode": "2d"}])
-def test_packed_model_is_the_same_model(overrides):
-    plain, packed = build(**overrides), build(**overrides).pack_projections_()
+def test_packed_model_is_the_same_model(overrides, reference_backend):
+    """The packed model (fastest backends) against the unpacked one, on the same backends or on the "torch"
+    reference operators: loss and every gradient in float64."""
+    plain, packed = build(backend=reference_backend, **overrides), build(**overrides).pack_projections_()
     for layer in packed.model.layers:
         for group in packed_groups(layer):
             if group:
@@ -91,14 +94,15 @@ def test_packing_removes_gemms_and_frozen_weights_get_no_dw():
         inputs = {k: (v.float() if k == "contiguous_signal" else v) for k, v in forward_inputs(batch).items()}
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model(**inputs, labels=batch["labels"]).loss.backward()
-        names = ("aten::mm", "aten::addmm", "aten::addmm_")
+        names = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
         return sum(e.name in names and (e.cpu_parent is None or e.cpu_parent.name not in names)
                    for e in prof.events())
 
     plain, packed = build(torch.float32), build(torch.float32).pack_projections_()
     # per layer, attention's five input maps: text and vision-A GEMMs forward and their dX (4 x (5 -> 1)); the
-    # MLP's gate/up: the same four GEMMs (4 x (2 -> 1))
-    assert gemms(plain) - gemms(packed) == 2 * (4 * 4 + 4 * 1)
+    # MLP's gate/up: the same four GEMMs (4 x (2 -> 1)); the k and v bridges' B factors: the text and vision
+    # products forward and their dX (4 x (2 -> 1)); their dW is one batched GEMM per modality either way
+    assert gemms(plain) - gemms(packed) == 2 * (4 * 4 + 4 * 1 + 4 * 1)
     from libra_model.trainer import freeze_language_
 
     frozen = build(torch.float32).pack_projections_()

@@ -66,7 +66,7 @@ def test_selective_recomputes_the_norms_but_no_gemm():
     _, _, none = _grads(model, batch, False, count=True)
     _, _, full = _grads(model, batch, "full", count=True)
     _, _, selective = _grads(model, batch, "selective", count=True)
-    for op in ("routed_projections", "bridge_attention", "routed_swiglu"):
+    for op in ("routed_projections", "routed_linear_grouped", "bridge_attention", "routed_swiglu"):
         assert none.get(op, 0) == 0, (op, none)
         assert full.get(op, 0) >= layers, (op, full)  # the forward again, layer by layer
         assert selective.get(op, 0) == 0, (op, selective)  # kept from the forward
