@@ -5,7 +5,10 @@ the trainer calls :func:`plan_memory` itself at start. Nothing here is a hand fo
 * the state (compute-dtype weights, the float32 gradient buffers, the optimizer state = float32 masters and both
   AdamW moments) comes from the model built on the meta device, frozen and placed by the trainer's own rules
   (``freeze_language_``, the TP plan of every parameter's name); the optimizer state is divided over DP when
-  ``distributed_optimizer`` is on (its default: dp > 1);
+  ``distributed_optimizer`` is on (its default: dp > 1); with ``shard_gradients`` (ZeRO-2) the gradients are this
+  rank's 1/dp shard plus the distributed optimizer's bound on its transient bucket buffers (the buckets laid out by
+  the optimizer's rule: whole parameters in reverse registration order, TP-partial ones apart, closed at
+  :data:`GRAD_BUCKET_ELEMENTS`);
 * the activations come from tracing the model on the meta device at the config's micro-batch and length (each
   sample holds one image, the rest text): the bytes saved for backward, deduplicated by storage, of a model with
   one and with two decoder layers give the per-layer and the fixed part; the checkpointing mode then decides what
@@ -26,6 +29,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 GIB = 1024 ** 3
 ALLOWANCE_GIB = 2.5  # CUDA context (~0.5-1 GiB), NCCL communicators and buffers, allocator slack
+# The distributed optimizer's bucketing (libra_model.parallel.distributed_optimizer takes these): elements per
+# gradient bucket, and with sharded gradients the bucket reductions outstanding at once.
+GRAD_BUCKET_ELEMENTS = 1 << 25
+BUCKETS_IN_FLIGHT = 2
 
 
 @dataclass
@@ -92,6 +99,44 @@ def _local_shape(model, name: str, param: torch.Tensor, tp: int, sequence_parall
     return tuple(shape)
 
 
+def shards_gradients(cfg, dp: int) -> bool:
+    """Whether a run of ``cfg`` at ``dp`` keeps sharded gradients (ZeRO-2); ValueError when ``shard_gradients`` is
+    set where the distributed optimizer is off (dp = 1, or ``distributed_optimizer`` false), as the trainer does."""
+    if not getattr(cfg, "shard_gradients", False):
+        return False
+    if not cfg.uses_distributed_optimizer(dp):
+        raise ValueError(f"TrainConfig: shard_gradients=true needs the distributed optimizer over dp > 1, which is off "
+                         f"at dp={dp} (distributed_optimizer={cfg.distributed_optimizer}); set shard_gradients=false, "
+                         "or run with more data-parallel replicas")
+    return True
+
+
+def bucket_sizes(numels: list[tuple[bool, int]], dp: int, bucket_elements: int = GRAD_BUCKET_ELEMENTS) -> list[int]:
+    """The padded sizes of the distributed optimizer's gradient buckets, from (TP-partial?, local elements) of the
+    trainable parameters in registration order: whole parameters in reverse order, the two kinds in separate
+    buckets, a bucket closed once it holds ``bucket_elements``, each padded to a multiple of ``dp``."""
+    sizes, filling = [], {True: 0, False: 0}
+    for partial, numel in reversed(numels):
+        filling[partial] += numel
+        if filling[partial] >= bucket_elements:
+            sizes.append(filling[partial])
+            filling[partial] = 0
+    sizes += [n for n in (filling[True], filling[False]) if n]
+    return [-(-n // dp) * dp for n in sizes]
+
+
+def transient_grad_bytes(buckets: list[int], dp: int, itemsize: int) -> int:
+    """Sharded gradients: the bound on the transient bucket buffers, in bytes, for buckets of these padded sizes
+    reduced in the dtype of ``itemsize`` bytes: the reductions in flight (at most :data:`BUCKETS_IN_FLIGHT` full
+    buckets and their output shards) and one bucket being filled, each at the largest bucket's size (at dp = 1 a
+    bucket is added into the shard as it completes: only the one being filled)."""
+    largest = max(buckets, default=0)
+    if dp == 1:
+        return largest * itemsize
+    held = min(BUCKETS_IN_FLIGHT + 1, len(buckets))
+    return (held * largest + min(BUCKETS_IN_FLIGHT, len(buckets)) * (largest // dp)) * itemsize
+
+
 def state_bytes(cfg, config, tp: int, dp: int, device_type: str = "cuda", *, freeze=None) -> dict[str, int]:
     """Per-GPU bytes of the weights, the gradient buffers and the optimizer state (module docstring), from the
     model (``config``, frozen by ``freeze`` when ``cfg.frozen_language``) on the meta device. Returns
@@ -103,16 +148,24 @@ def state_bytes(cfg, config, tp: int, dp: int, device_type: str = "cuda", *, fre
     model = _meta_model(config, cfg.frozen_language, freeze)
     sequence_parallel = bool(cfg.sequence_parallel) and tp > 1
     weights = trainable = 0
+    numels = []  # (TP-partial gradient?, local elements) of the trainable parameters, in registration order
     for name, param in model.named_parameters():
         numel = math.prod(_local_shape(model, name, param, tp, sequence_parallel))
         weights += numel * dtype.itemsize
         if param.requires_grad:
             trainable += numel
+            partial = tp > 1 and model.tensor_parallel_rule(name, sequence_parallel=sequence_parallel).partial_grad
+            numels.append((partial, numel))
     master = 4  # float32 masters, gradient buffers and AdamW moments
     optimizer = trainable * master * 2 + (trainable * master if dtype != torch.float32 else 0)
+    grads = trainable * master
     if cfg.uses_distributed_optimizer(dp):
         optimizer = math.ceil(optimizer / dp)  # masters and both moments sharded over DP
-    return {"weights": weights, "grads": trainable * master, "optimizer": optimizer}
+    if shards_gradients(cfg, dp):
+        buckets = bucket_sizes(numels, dp)
+        reduce_itemsize = 2 if cfg.grad_reduce_dtype == "bf16" else master
+        grads = sum(buckets) // dp * master + transient_grad_bytes(buckets, dp, reduce_itemsize)
+    return {"weights": weights, "grads": grads, "optimizer": optimizer}
 
 
 # ------------------------------------------------------------------------------------------------- activations
@@ -234,7 +287,8 @@ def plan_memory(cfg, config, *, tp: int | None = None, dp: int = 1, gpu_memory_g
     settings = {"tp": tp, "dp": dp, "micro_batch_size": cfg.micro_batch_size,
                 "activation_checkpointing": check_mode(cfg.activation_checkpointing),
                 "sequence_parallel": bool(cfg.sequence_parallel) and tp > 1,
-                "distributed_optimizer": cfg.uses_distributed_optimizer(dp)}
+                "distributed_optimizer": cfg.uses_distributed_optimizer(dp),
+                "shard_gradients": shards_gradients(cfg, dp)}
     return MemoryPlan(tp=tp, dp=dp, activations=activations, allowance=int(ALLOWANCE_GIB * GIB),
                       gpu_memory=None if gpu_memory_gib is None else int(gpu_memory_gib * GIB), settings=settings,
                       **state)
