@@ -117,6 +117,18 @@ def flat_range_boxes(lo: int, hi: int, shape: tuple[int, ...]) -> list[tuple[tup
     return boxes
 
 
+def bucket_order(params: list, shard_gradients: bool) -> list:
+    """The order in which parameters (``(name, param)`` in registration order) fill the buckets: reverse registration
+    order, roughly the order the backward completes them. With sharded gradients the vector parameters (norm weights,
+    biases: ndim <= 1) come last: a decoder layer registers its norms after its attention and MLP, so in reverse
+    order they would open the layer's first bucket while their gradients arrive at the end of each block, holding
+    every completed bucket of the block back (and its transient buffer alive); they are a tiny part of the model."""
+    reverse = list(reversed(params))
+    if not shard_gradients:
+        return reverse
+    return [item for item in reverse if item[1].dim() > 1] + [item for item in reverse if item[1].dim() <= 1]
+
+
 def _reduce_scatter(output: torch.Tensor, x: torch.Tensor, group, async_op: bool):
     return dist.reduce_scatter_tensor(output, x, group=group, async_op=async_op)
 
@@ -195,7 +207,7 @@ class DistributedMasterAdamW:
             self.buckets.append(bucket)
             open_bucket[group] = None
 
-        for name, param in reversed(ordered):
+        for name, param in bucket_order(ordered, shard_gradients):
             group = "partial" if is_tp_partial(param) else "other"
             if open_bucket[group] is None:
                 open_bucket[group] = _Bucket(group=group, start=sizes[group])
@@ -477,11 +489,11 @@ class DistributedMasterAdamW:
             handle.wait()
 
     def transient_grad_bytes(self) -> int:
-        """Sharded gradients: the bound on the transient bucket buffers in bytes (the reductions in flight, at most
-        BUCKETS_IN_FLIGHT full buckets and their output shards, and one bucket being filled, each counted at the
-        largest bucket's size; ``libra_model.memory.transient_grad_bytes``). Buckets completed while an earlier one
-        still waits for a gradient are held until their turn, so a parameter whose gradient comes late in the
-        backward can raise the real peak above this. 0 without sharded gradients."""
+        """Sharded gradients: the planned bound on the transient bucket buffers in bytes
+        (``libra_model.memory.transient_grad_bytes``: BUCKETS_IN_FLIGHT reductions with their output shards and
+        BUCKETS_FILLING buckets being filled, each at the largest bucket's size). A bucket completed while an earlier
+        one still waits for a gradient is held until its turn, so a parameter whose gradient comes late in the
+        backward (or never, on this rank) holds more. 0 without sharded gradients."""
         if not self.shard_gradients:
             return 0
         itemsize = torch.empty((), dtype=self.reduce_dtype).element_size()
