@@ -5,7 +5,8 @@ the trainer calls :func:`plan_memory` itself at start. Nothing here is a hand fo
 * the state (compute-dtype weights, the float32 gradient buffers, the optimizer state = float32 masters and both
   AdamW moments) comes from the model built on the meta device, frozen and placed by the trainer's own rules
   (``freeze_language_``, the TP plan of every parameter's name); the optimizer state is divided over DP when
-  ``distributed_optimizer`` is on (its default: dp > 1); with ``shard_gradients`` (ZeRO-2) the gradients are this
+  ``distributed_optimizer`` is on (its default: dp > 1; ZeRO-1's reduced 1/dp gradient shard beside the full
+  buffers is left out); with ``shard_gradients`` (ZeRO-2) the gradients are this
   rank's 1/dp shard plus the distributed optimizer's bound on its transient bucket buffers (the buckets laid out by
   the optimizer's rule: whole parameters in reverse registration order, TP-partial ones apart, closed at
   :data:`GRAD_BUCKET_ELEMENTS`);
@@ -116,12 +117,16 @@ def shards_gradients(cfg, dp: int) -> bool:
     return True
 
 
-def bucket_sizes(numels: list[tuple[bool, int]], dp: int, bucket_elements: int = GRAD_BUCKET_ELEMENTS) -> list[int]:
-    """The padded sizes of the distributed optimizer's gradient buckets, from (TP-partial?, local elements) of the
-    trainable parameters in registration order: whole parameters in reverse order, the two kinds in separate
+def bucket_sizes(params: list[tuple[bool, int, int]], dp: int, bucket_elements: int = GRAD_BUCKET_ELEMENTS
+                 ) -> list[int]:
+    """The padded sizes of the distributed optimizer's gradient buckets with sharded gradients, from (TP-partial?,
+    local elements, ndim) of the trainable parameters in registration order, laid out by the optimizer's rule: whole
+    parameters in reverse registration order with the vectors (ndim <= 1) last, the two kinds of gradient in separate
     buckets, a bucket closed once it holds ``bucket_elements``, each padded to a multiple of ``dp``."""
+    reverse = list(reversed(params))
+    ordered = [p for p in reverse if p[2] > 1] + [p for p in reverse if p[2] <= 1]
     sizes, filling = [], {True: 0, False: 0}
-    for partial, numel in reversed(numels):
+    for partial, numel, _ in ordered:
         filling[partial] += numel
         if filling[partial] >= bucket_elements:
             sizes.append(filling[partial])
@@ -133,13 +138,13 @@ def bucket_sizes(numels: list[tuple[bool, int]], dp: int, bucket_elements: int =
 def transient_grad_bytes(buckets: list[int], dp: int, itemsize: int) -> int:
     """Sharded gradients: the bound on the transient bucket buffers, in bytes, for buckets of these padded sizes
     reduced in the dtype of ``itemsize`` bytes: the reductions in flight (at most :data:`BUCKETS_IN_FLIGHT` full
-    buckets and their output shards) and :data:`BUCKETS_FILLING` buckets being filled, each at the largest bucket's
-    size (at dp = 1 a bucket is added into the shard as it completes: only the ones being filled)."""
-    largest, count = max(buckets, default=0), len(buckets)
+    buckets and their output shards) and :data:`BUCKETS_FILLING` buckets being filled, counted as the largest
+    buckets (at dp = 1 a bucket is added into the shard as it completes: only the ones being filled)."""
+    largest = sorted(buckets, reverse=True)
     if dp == 1:
-        return min(BUCKETS_FILLING, count) * largest * itemsize
-    held = min(BUCKETS_IN_FLIGHT + BUCKETS_FILLING, count)
-    return (held * largest + min(BUCKETS_IN_FLIGHT, count) * (largest // dp)) * itemsize
+        return sum(largest[:BUCKETS_FILLING]) * itemsize
+    in_flight = sum(largest[:BUCKETS_IN_FLIGHT]) // dp
+    return (sum(largest[:BUCKETS_IN_FLIGHT + BUCKETS_FILLING]) + in_flight) * itemsize
 
 
 def state_bytes(cfg, config, tp: int, dp: int, device_type: str = "cuda", *, freeze=None) -> dict[str, int]:
@@ -153,19 +158,21 @@ def state_bytes(cfg, config, tp: int, dp: int, device_type: str = "cuda", *, fre
     model = _meta_model(config, cfg.frozen_language, freeze)
     sequence_parallel = bool(cfg.sequence_parallel) and tp > 1
     weights = trainable = 0
-    numels = []  # (TP-partial gradient?, local elements) of the trainable parameters, in registration order
+    numels = []  # (TP-partial gradient?, local elements, ndim) of the trainable parameters, in registration order
     for name, param in model.named_parameters():
         numel = math.prod(_local_shape(model, name, param, tp, sequence_parallel))
         weights += numel * dtype.itemsize
         if param.requires_grad:
             trainable += numel
             partial = tp > 1 and model.tensor_parallel_rule(name, sequence_parallel=sequence_parallel).partial_grad
-            numels.append((partial, numel))
+            numels.append((partial, numel, param.dim()))
     master = 4  # float32 masters, gradient buffers and AdamW moments
     optimizer = trainable * master * 2 + (trainable * master if dtype != torch.float32 else 0)
     grads = trainable * master
     if cfg.uses_distributed_optimizer(dp):
-        optimizer = math.ceil(optimizer / dp)  # masters and both moments sharded over DP
+        # Masters (kept apart from the parameters even in fp32) and both moments sharded over DP. ZeRO-1's 1/dp
+        # reduced gradient shard, beside its full buffers, is not counted here.
+        optimizer = math.ceil(3 * trainable * master / dp)
     if shards_gradients(cfg, dp):
         buckets = bucket_sizes(numels, dp)
         reduce_itemsize = 2 if cfg.grad_reduce_dtype == "bf16" else master
@@ -302,8 +309,10 @@ def plan_memory(cfg, config, *, tp: int | None = None, dp: int = 1, gpu_memory_g
 def alternatives(cfg, config, *, tp: int, dp: int, gpu_memory_gib: float, limit: int = 5, freeze=None
                  ) -> list[MemoryPlan]:
     """Plans on the same number of GPUs (tp·dp) that fit ``gpu_memory_gib``: TP up to 8 within the heads, each
-    checkpointing mode, sequence parallelism, smaller micro-batches (the global batch kept, the accumulation
-    grows). The least recomputation and the largest micro-batch first."""
+    checkpointing mode, sequence parallelism, sharded gradients (where the distributed optimizer runs: dp > 1),
+    smaller micro-batches (the global batch kept, the accumulation grows). The least recomputation first, then
+    without sharded gradients (one gradient reduction per step, not per micro-batch), then the largest
+    micro-batch."""
     gpus = tp * dp
     per_replica = lambda d: cfg.global_batch_size // d  # noqa: E731
     found = []
@@ -313,22 +322,26 @@ def alternatives(cfg, config, *, tp: int, dp: int, gpu_memory_gib: float, limit:
         d = gpus // t
         if cfg.global_batch_size % d:
             continue
+        sharding = (False, True) if cfg.uses_distributed_optimizer(d) else (False,)
         for mode in (False, "selective", "full"):
             for sequence_parallel in ((False, True) if t > 1 else (False,)):
-                micro = cfg.micro_batch_size
-                while micro >= 1:
+                micro, fitted = cfg.micro_batch_size, False
+                while micro >= 1 and not fitted:
                     if per_replica(d) % micro == 0:
-                        trial = dataclasses.replace(cfg, tp=t, micro_batch_size=micro, activation_checkpointing=mode,
-                                                    sequence_parallel=sequence_parallel)
-                        candidate = plan_memory(trial, config, tp=t, dp=d, gpu_memory_gib=gpu_memory_gib,
-                                                freeze=freeze)
-                        if candidate.fits:
-                            found.append(candidate)
-                            break
+                        for shard in sharding:  # the largest micro-batch that fits, unsharded gradients if they fit
+                            trial = dataclasses.replace(cfg, tp=t, micro_batch_size=micro, shard_gradients=shard,
+                                                        activation_checkpointing=mode,
+                                                        sequence_parallel=sequence_parallel)
+                            candidate = plan_memory(trial, config, tp=t, dp=d, gpu_memory_gib=gpu_memory_gib,
+                                                    freeze=freeze)
+                            if candidate.fits:
+                                found.append(candidate)
+                                fitted = True
+                                break
                     micro //= 2
     order = {False: 0, "selective": 1, "full": 2}
-    found.sort(key=lambda p: (order[p.settings["activation_checkpointing"]], -p.settings["micro_batch_size"],
-                              p.tp, p.total))
+    found.sort(key=lambda p: (order[p.settings["activation_checkpointing"]], p.settings["shard_gradients"],
+                              -p.settings["micro_batch_size"], p.tp, p.total))
     return found[:limit]
 
 

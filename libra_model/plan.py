@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"settings that fit {args.gpu_memory:g} GiB on {cfg.tp * args.dp} GPUs:" if options else
               f"no setting tried fits {args.gpu_memory:g} GiB on {cfg.tp * args.dp} GPUs")
         for option in options:
-            keys = ("tp", "dp", "micro_batch_size", "activation_checkpointing", "sequence_parallel")
+            keys = ("tp", "dp", "micro_batch_size", "activation_checkpointing", "sequence_parallel", "shard_gradients")
             print("  " + " ".join(f"{k}={option.settings[k]}" for k in keys) + f": {option.total / GIB:.2f} GiB")
     print(json.dumps(result.summary()))
     return 0

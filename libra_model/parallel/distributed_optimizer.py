@@ -491,7 +491,7 @@ class DistributedMasterAdamW:
     def transient_grad_bytes(self) -> int:
         """Sharded gradients: the planned bound on the transient bucket buffers in bytes
         (``libra_model.memory.transient_grad_bytes``: BUCKETS_IN_FLIGHT reductions with their output shards and
-        BUCKETS_FILLING buckets being filled, each at the largest bucket's size). A bucket completed while an earlier
+        BUCKETS_FILLING buckets being filled, counted as the largest buckets). A bucket completed while an earlier
         one still waits for a gradient is held until its turn, so a parameter whose gradient comes late in the
         backward (or never, on this rank) holds more. 0 without sharded gradients."""
         if not self.shard_gradients:
