@@ -347,7 +347,9 @@ def alternatives(cfg, config, *, tp: int, dp: int, gpu_memory_gib: float, limit:
 
 def format_plan(plan_: MemoryPlan) -> str:
     """The per-GPU table of a plan."""
-    rows = [("bf16/fp32 weights (this rank's TP shard)", plan_.weights), ("float32 gradient buffers", plan_.grads),
+    grads = ("float32 gradient shard + transient buckets" if plan_.settings.get("shard_gradients")
+             else "float32 gradient buffers")
+    rows = [("bf16/fp32 weights (this rank's TP shard)", plan_.weights), (grads, plan_.grads),
             ("optimizer state (fp32 masters + AdamW moments)", plan_.optimizer),
             ("activations (one micro-batch)", plan_.activations),
             ("CUDA context, NCCL, allocator allowance", plan_.allowance), ("total", plan_.total)]

@@ -238,6 +238,40 @@ def test_a_parameter_without_gradient_on_one_rank(tmp_path):
     run_in_process_group(_dp2_missing_gradient, 2)
 
 
+def _dp2_no_host_reads(rank, world_size):
+    """The micro-batch path with sharded gradients (hooks, transient buffers, reduce-scatters, waits) reads nothing
+    back to the host, as the replicated step's forward and backward do not."""
+    from test_train_step import HostReadError, no_host_reads
+
+    from libra_kernels import ModalityLayout
+    from libra_model.train_step import forward_loss
+
+    torch.set_num_threads(1)
+    parallel = init_parallel(tp=1)
+    model = tiny_model(dtype=torch.float32)
+    model.check_input_values = False
+    optimizer = DistributedMasterAdamW(model, parallel, bucket_elements=BUCKET, shard_gradients=True)
+    batches = _as_float32(_micro_batches(model.config, rank))
+    for batch in batches:
+        batch["layout"] = ModalityLayout.from_vision_indices(batch["vision_indices"],
+                                                              model.config.max_vision_token_length)
+    counts = model.target_counts(batches[0]["labels"])
+    COLLECTIVES.clear()
+    with no_host_reads():
+        for index, batch in enumerate(batches):
+            optimizer.start_micro_batch(last=index == len(batches) - 1)
+            forward_loss(model, batch, counts).backward()
+            optimizer.finish_micro_batch()
+        optimizer.reduce(parallel)
+    assert COLLECTIVES[("grad_reduce_scatter_dp", "step")] == len(optimizer.buckets) * len(batches)
+    with pytest.raises(HostReadError), no_host_reads():  # the detector works in these processes
+        bool(optimizer.grad_shards["other"].sum() > 0)
+
+
+def test_sharded_gradients_add_no_host_read():
+    run_in_process_group(_dp2_no_host_reads, 2)
+
+
 def _assert_state_equal(masters, state, expected):
     for name, value in expected["masters"].items():
         assert torch.equal(masters[name], value), name
