@@ -32,7 +32,9 @@ bucket gets its first gradient of the micro-batch), the bucket is reduce-scatter
 parameters have their gradient (buckets in bucket order on every rank, as above: a parameter without a gradient
 leaves zeros in its part) and, once the collective has finished, the rank's part is added into its float32 gradient
 shard and the transient buffer is freed. At most :data:`BUCKETS_IN_FLIGHT` reductions are outstanding (a launch
-first waits for the oldest), so the transient memory is a few buckets. After the last micro-batch the step goes on
+first waits for the oldest), so the transient memory is a few buckets: those in flight and those filled but waiting
+for an earlier bucket (the vector parameters fill the last buckets, :func:`bucket_order`, so that a layer's norms do
+not hold its blocks back). After the last micro-batch the step goes on
 exactly as with ZeRO-1 (TP all-reduce of the partial shard, norm, clipping, AdamW, all-gather). The cost: one
 reduce-scatter per bucket per micro-batch instead of per step.
 """

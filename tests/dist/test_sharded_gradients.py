@@ -112,7 +112,6 @@ def _dp2(rank, world_size, root):
     _assert_same_training(res_ref, res2, ref, zero2)
     _assert_same_training(res1, res2, zero1, zero2)
     _check_replicas_identical(zero2, parallel.dp_group)
-
     # Collectives: one reduce-scatter per bucket per micro-batch, the rest as with ZeRO-1 (once per step).
     buckets = len(optimizer.buckets)
     assert buckets > 10
@@ -133,6 +132,12 @@ def _dp2(rank, world_size, root):
     assert optimizer.transient_grad_bytes() == transient
     assert optimizer.memory_bytes() == {"weights": 8 * 2 * state, "grads": 8 * state + transient,
                                         "optimizer": 24 * state}
+
+    # Recomputation in backward must not fire a gradient hook twice (each bucket is reduced once per micro-batch).
+    recomputed = clone(full)
+    recomputed.activation_checkpointing_enable("full")
+    _, res_recomputed = _train(parallel, recomputed, micro, "zero2")
+    _assert_same_training(res_ref, res_recomputed, ref, recomputed)
 
     # bf16 reduction: ZeRO-2 rounds each micro-batch's contribution, ZeRO-1 the step's sum; both close to fp32.
     f32 = tiny_model(dtype=torch.float32)
