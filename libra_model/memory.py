@@ -5,7 +5,11 @@ the trainer calls :func:`plan_memory` itself at start. Nothing here is a hand fo
 * the state (compute-dtype weights, the float32 gradient buffers, the optimizer state = float32 masters and both
   AdamW moments) comes from the model built on the meta device, frozen and placed by the trainer's own rules
   (``freeze_language_``, the TP plan of every parameter's name); the optimizer state is divided over DP when
-  ``distributed_optimizer`` is on (its default: dp > 1);
+  ``distributed_optimizer`` is on (its default: dp > 1; ZeRO-1's reduced 1/dp gradient shard beside the full
+  buffers is left out); with ``shard_gradients`` (ZeRO-2) the gradients are this
+  rank's 1/dp shard plus the distributed optimizer's bound on its transient bucket buffers (the buckets laid out by
+  the optimizer's rule: whole parameters in reverse registration order, TP-partial ones apart, closed at
+  :data:`GRAD_BUCKET_ELEMENTS`);
 * the activations come from tracing the model on the meta device at the config's micro-batch and length (each
   sample holds one image, the rest text): the bytes saved for backward, deduplicated by storage, of a model with
   one and with two decoder layers give the per-layer and the fixed part; the checkpointing mode then decides what
@@ -26,6 +30,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 GIB = 1024 ** 3
 ALLOWANCE_GIB = 2.5  # CUDA context (~0.5-1 GiB), NCCL communicators and buffers, allocator slack
+# The distributed optimizer's bucketing (libra_model.parallel.distributed_optimizer takes these): elements per
+# gradient bucket, and with sharded gradients the bucket reductions outstanding at once.
+GRAD_BUCKET_ELEMENTS = 1 << 25
+BUCKETS_IN_FLIGHT = 2
+# Buckets holding gradients while not yet launched: a bucket waits until every parameter in it, and in every bucket
+# before it, has its gradient, and the projections of one attention or MLP block complete together at the block's
+# end (a block of the 11B model spans two to three buckets at the default size). An estimate, not a guarantee: the
+# tests measure the peak against it.
+BUCKETS_FILLING = 3
 
 
 @dataclass
@@ -92,6 +105,48 @@ def _local_shape(model, name: str, param: torch.Tensor, tp: int, sequence_parall
     return tuple(shape)
 
 
+def shards_gradients(cfg, dp: int) -> bool:
+    """Whether a run of ``cfg`` at ``dp`` keeps sharded gradients (ZeRO-2); ValueError when ``shard_gradients`` is
+    set where the distributed optimizer is off (dp = 1, or ``distributed_optimizer`` false), as the trainer does."""
+    if not getattr(cfg, "shard_gradients", False):
+        return False
+    if not cfg.uses_distributed_optimizer(dp):
+        raise ValueError(f"TrainConfig: shard_gradients=true needs the distributed optimizer over dp > 1, which is off "
+                         f"at dp={dp} (distributed_optimizer={cfg.distributed_optimizer}); set shard_gradients=false, "
+                         "or run with more data-parallel replicas")
+    return True
+
+
+def bucket_sizes(params: list[tuple[bool, int, int]], dp: int, bucket_elements: int = GRAD_BUCKET_ELEMENTS
+                 ) -> list[int]:
+    """The padded sizes of the distributed optimizer's gradient buckets with sharded gradients, from (TP-partial?,
+    local elements, ndim) of the trainable parameters in registration order, laid out by the optimizer's rule: whole
+    parameters in reverse registration order with the vectors (ndim <= 1) last, the two kinds of gradient in separate
+    buckets, a bucket closed once it holds ``bucket_elements``, each padded to a multiple of ``dp``."""
+    reverse = list(reversed(params))
+    ordered = [p for p in reverse if p[2] > 1] + [p for p in reverse if p[2] <= 1]
+    sizes, filling = [], {True: 0, False: 0}
+    for partial, numel, _ in ordered:
+        filling[partial] += numel
+        if filling[partial] >= bucket_elements:
+            sizes.append(filling[partial])
+            filling[partial] = 0
+    sizes += [n for n in (filling[True], filling[False]) if n]
+    return [-(-n // dp) * dp for n in sizes]
+
+
+def transient_grad_bytes(buckets: list[int], dp: int, itemsize: int) -> int:
+    """Sharded gradients: the bound on the transient bucket buffers, in bytes, for buckets of these padded sizes
+    reduced in the dtype of ``itemsize`` bytes: the reductions in flight (at most :data:`BUCKETS_IN_FLIGHT` full
+    buckets and their output shards) and :data:`BUCKETS_FILLING` buckets being filled, counted as the largest
+    buckets (at dp = 1 a bucket is added into the shard as it completes: only the ones being filled)."""
+    largest = sorted(buckets, reverse=True)
+    if dp == 1:
+        return sum(largest[:BUCKETS_FILLING]) * itemsize
+    in_flight = sum(largest[:BUCKETS_IN_FLIGHT]) // dp
+    return (sum(largest[:BUCKETS_IN_FLIGHT + BUCKETS_FILLING]) + in_flight) * itemsize
+
+
 def state_bytes(cfg, config, tp: int, dp: int, device_type: str = "cuda", *, freeze=None) -> dict[str, int]:
     """Per-GPU bytes of the weights, the gradient buffers and the optimizer state (module docstring), from the
     model (``config``, frozen by ``freeze`` when ``cfg.frozen_language``) on the meta device. Returns
@@ -103,16 +158,26 @@ def state_bytes(cfg, config, tp: int, dp: int, device_type: str = "cuda", *, fre
     model = _meta_model(config, cfg.frozen_language, freeze)
     sequence_parallel = bool(cfg.sequence_parallel) and tp > 1
     weights = trainable = 0
+    numels = []  # (TP-partial gradient?, local elements, ndim) of the trainable parameters, in registration order
     for name, param in model.named_parameters():
         numel = math.prod(_local_shape(model, name, param, tp, sequence_parallel))
         weights += numel * dtype.itemsize
         if param.requires_grad:
             trainable += numel
+            partial = tp > 1 and model.tensor_parallel_rule(name, sequence_parallel=sequence_parallel).partial_grad
+            numels.append((partial, numel, param.dim()))
     master = 4  # float32 masters, gradient buffers and AdamW moments
     optimizer = trainable * master * 2 + (trainable * master if dtype != torch.float32 else 0)
+    grads = trainable * master
     if cfg.uses_distributed_optimizer(dp):
-        optimizer = math.ceil(optimizer / dp)  # masters and both moments sharded over DP
-    return {"weights": weights, "grads": trainable * master, "optimizer": optimizer}
+        # Masters (kept apart from the parameters even in fp32) and both moments sharded over DP. ZeRO-1's 1/dp
+        # reduced gradient shard, beside its full buffers, is not counted here.
+        optimizer = math.ceil(3 * trainable * master / dp)
+    if shards_gradients(cfg, dp):
+        buckets = bucket_sizes(numels, dp)
+        reduce_itemsize = 2 if cfg.grad_reduce_dtype == "bf16" else master
+        grads = sum(buckets) // dp * master + transient_grad_bytes(buckets, dp, reduce_itemsize)
+    return {"weights": weights, "grads": grads, "optimizer": optimizer}
 
 
 # ------------------------------------------------------------------------------------------------- activations
@@ -234,7 +299,8 @@ def plan_memory(cfg, config, *, tp: int | None = None, dp: int = 1, gpu_memory_g
     settings = {"tp": tp, "dp": dp, "micro_batch_size": cfg.micro_batch_size,
                 "activation_checkpointing": check_mode(cfg.activation_checkpointing),
                 "sequence_parallel": bool(cfg.sequence_parallel) and tp > 1,
-                "distributed_optimizer": cfg.uses_distributed_optimizer(dp)}
+                "distributed_optimizer": cfg.uses_distributed_optimizer(dp),
+                "shard_gradients": shards_gradients(cfg, dp)}
     return MemoryPlan(tp=tp, dp=dp, activations=activations, allowance=int(ALLOWANCE_GIB * GIB),
                       gpu_memory=None if gpu_memory_gib is None else int(gpu_memory_gib * GIB), settings=settings,
                       **state)
@@ -243,8 +309,10 @@ def plan_memory(cfg, config, *, tp: int | None = None, dp: int = 1, gpu_memory_g
 def alternatives(cfg, config, *, tp: int, dp: int, gpu_memory_gib: float, limit: int = 5, freeze=None
                  ) -> list[MemoryPlan]:
     """Plans on the same number of GPUs (tp·dp) that fit ``gpu_memory_gib``: TP up to 8 within the heads, each
-    checkpointing mode, sequence parallelism, smaller micro-batches (the global batch kept, the accumulation
-    grows). The least recomputation and the largest micro-batch first."""
+    checkpointing mode, sequence parallelism, sharded gradients (where the distributed optimizer runs: dp > 1),
+    smaller micro-batches (the global batch kept, the accumulation grows). The least recomputation first, then
+    without sharded gradients (one gradient reduction per step, not per micro-batch), then the largest
+    micro-batch."""
     gpus = tp * dp
     per_replica = lambda d: cfg.global_batch_size // d  # noqa: E731
     found = []
@@ -254,28 +322,34 @@ def alternatives(cfg, config, *, tp: int, dp: int, gpu_memory_gib: float, limit:
         d = gpus // t
         if cfg.global_batch_size % d:
             continue
+        sharding = (False, True) if cfg.uses_distributed_optimizer(d) else (False,)
         for mode in (False, "selective", "full"):
             for sequence_parallel in ((False, True) if t > 1 else (False,)):
-                micro = cfg.micro_batch_size
-                while micro >= 1:
+                micro, fitted = cfg.micro_batch_size, False
+                while micro >= 1 and not fitted:
                     if per_replica(d) % micro == 0:
-                        trial = dataclasses.replace(cfg, tp=t, micro_batch_size=micro, activation_checkpointing=mode,
-                                                    sequence_parallel=sequence_parallel)
-                        candidate = plan_memory(trial, config, tp=t, dp=d, gpu_memory_gib=gpu_memory_gib,
-                                                freeze=freeze)
-                        if candidate.fits:
-                            found.append(candidate)
-                            break
+                        for shard in sharding:  # the largest micro-batch that fits, unsharded gradients if they fit
+                            trial = dataclasses.replace(cfg, tp=t, micro_batch_size=micro, shard_gradients=shard,
+                                                        activation_checkpointing=mode,
+                                                        sequence_parallel=sequence_parallel)
+                            candidate = plan_memory(trial, config, tp=t, dp=d, gpu_memory_gib=gpu_memory_gib,
+                                                    freeze=freeze)
+                            if candidate.fits:
+                                found.append(candidate)
+                                fitted = True
+                                break
                     micro //= 2
     order = {False: 0, "selective": 1, "full": 2}
-    found.sort(key=lambda p: (order[p.settings["activation_checkpointing"]], -p.settings["micro_batch_size"],
-                              p.tp, p.total))
+    found.sort(key=lambda p: (order[p.settings["activation_checkpointing"]], p.settings["shard_gradients"],
+                              -p.settings["micro_batch_size"], p.tp, p.total))
     return found[:limit]
 
 
 def format_plan(plan_: MemoryPlan) -> str:
     """The per-GPU table of a plan."""
-    rows = [("bf16/fp32 weights (this rank's TP shard)", plan_.weights), ("float32 gradient buffers", plan_.grads),
+    grads = ("float32 gradient shard + transient buckets" if plan_.settings.get("shard_gradients")
+             else "float32 gradient buffers")
+    rows = [("bf16/fp32 weights (this rank's TP shard)", plan_.weights), (grads, plan_.grads),
             ("optimizer state (fp32 masters + AdamW moments)", plan_.optimizer),
             ("activations (one micro-batch)", plan_.activations),
             ("CUDA context, NCCL, allocator allowance", plan_.allowance), ("total", plan_.total)]

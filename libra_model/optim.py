@@ -53,7 +53,8 @@ class MasterAdamW:
         initial_masters: name -> full-precision values to start the masters from (when the model's parameters were
             already rounded to a lower compute dtype); default: the parameters themselves.
 
-    Per step: ``backward`` of each micro-batch (the hooks fill the buffers) → :meth:`reduce` → :meth:`clip_` →
+    Per step: ``backward`` of each micro-batch (the hooks fill the buffers), between :meth:`start_micro_batch` and
+    :meth:`finish_micro_batch` (no-ops here; the interface both optimizers share) → :meth:`reduce` → :meth:`clip_` →
     :meth:`step` → :meth:`zero_grad`. Names are the model's parameter names, in sorted order everywhere.
     """
 
@@ -118,9 +119,13 @@ class MasterAdamW:
         self.partial_buffer.zero_()
         self.other_buffer.zero_()
 
-    def start_last_micro_batch(self) -> None:
-        """Nothing to do: this optimizer reduces its buffers only in :meth:`reduce` (the distributed optimizer starts
-        its bucket reductions here)."""
+    def start_micro_batch(self, last: bool) -> None:
+        """Called before each micro-batch's backward (``last``: the step's last one). Nothing to do: this optimizer
+        reduces its buffers only in :meth:`reduce` (the distributed optimizer starts its bucket reductions here)."""
+
+    def finish_micro_batch(self) -> None:
+        """Called after each micro-batch's backward. Nothing to do (the distributed optimizer with sharded gradients
+        finishes the micro-batch's bucket reductions here)."""
 
     def reduce(self, parallel) -> None:
         """The one deferred reduction of the step (``parallel``: a ``ParallelState``)."""

@@ -1,10 +1,11 @@
 """The memory planner's command line: what one GPU holds when the trainer runs a config at a given TP × DP.
 
-    python -m libra_model.plan --config configs/sft.yaml --dp 4 --gpu-memory 40
+    python -m libra_model.plan --config configs/sft.yaml --dp 8 --gpu-memory 40
 
-prints a per-GPU table (bf16 weights, float32 gradient buffers, the optimizer state = float32 masters and AdamW
-moments, the activations of one micro-batch under the config's checkpointing option, an allowance for the CUDA
-context and NCCL), settings on the same number of GPUs that fit, and as its last line of stdout one JSON object
+prints a per-GPU table (bf16 weights, float32 gradient buffers (with ``shard_gradients``: the rank's shard and the
+transient buckets), the optimizer state = float32 masters and AdamW moments, the activations of one micro-batch
+under the config's checkpointing option, an allowance for the CUDA context and NCCL), settings on the same number of
+GPUs that fit, and as its last line of stdout one JSON object
 with the keys ``weights_gib``, ``grads_gib``, ``optimizer_gib``, ``activations_gib``, ``total_gib`` and ``fits``.
 The numbers come from the model on the meta device (``libra_model.memory``) with the trainer's model config and
 freezing rule.
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"settings that fit {args.gpu_memory:g} GiB on {cfg.tp * args.dp} GPUs:" if options else
               f"no setting tried fits {args.gpu_memory:g} GiB on {cfg.tp * args.dp} GPUs")
         for option in options:
-            keys = ("tp", "dp", "micro_batch_size", "activation_checkpointing", "sequence_parallel")
+            keys = ("tp", "dp", "micro_batch_size", "activation_checkpointing", "sequence_parallel", "shard_gradients")
             print("  " + " ".join(f"{k}={option.settings[k]}" for k in keys) + f": {option.total / GIB:.2f} GiB")
     print(json.dumps(result.summary()))
     return 0

@@ -1,6 +1,7 @@
 """One optimizer step under TP × DP with gradient accumulation (docs/parallel.md).
 
-backward of each micro-batch (float32 gradient buffers) → the deferred reduction (TP-partial grads over DP×TP, the
+backward of each micro-batch (float32 gradient buffers, or with sharded gradients a reduce-scatter per bucket
+in each backward) → the deferred reduction (TP-partial grads over DP×TP, the
 rest over DP) → global grad norm (no double counting of replicated parameters) → clip → AdamW → zero the buffers.
 
 The loss of each micro-batch is the model's own (``LibraForCausalLM.loss``); the step only chooses its
@@ -103,12 +104,14 @@ def train_step(model, optimizer, micro_batches: list[dict], parallel, *, lr: flo
     # Loss and token count stay on the device until one transfer at the end of the step (no per-micro-batch sync).
     totals = torch.zeros(2, dtype=torch.float64, device=parallel.device)
     for index, batch in enumerate(micro_batches):
-        if index == len(micro_batches) - 1:
-            optimizer.start_last_micro_batch()  # the distributed optimizer reduces buckets during this backward
+        # The distributed optimizer reduce-scatters buckets during the last backward (with sharded gradients: during
+        # every backward, finished by finish_micro_batch); the replicated one does nothing here.
+        optimizer.start_micro_batch(last=index == len(micro_batches) - 1)
         loss = forward_loss(model, batch, counts, label_smoothing=label_smoothing, z_loss_weight=z_loss_weight)
         if normalization == "mean_of_microbatches":
             loss = loss * weight
         loss.backward()
+        optimizer.finish_micro_batch()
         totals[0] += loss.detach().to(torch.float64)
         totals[1] += _real_tokens(batch).to(totals.device)
     optimizer.reduce(parallel)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from libra_model.config import LibraConfig
+from libra_model.memory import shards_gradients
 from libra_model.optim import MasterAdamW, warmup_cosine_lr
 from libra_model.parallel import dcp_checkpoint as ckpt
 from libra_model.parallel.distributed_optimizer import REDUCE_DTYPES, DistributedMasterAdamW
@@ -87,6 +88,7 @@ class TrainConfig:
     tp: int = 1
     distributed_optimizer: bool | None = None  # shard masters + AdamW moments over DP (ZeRO-1); None: when dp > 1
     grad_reduce_dtype: str = "fp32"  # dtype of the DP gradient reduction: "fp32" | "bf16" (distributed optimizer)
+    shard_gradients: bool = False  # ZeRO-2: keep 1/dp of the fp32 gradients, reduce-scatter every micro-batch
     sequence_parallel: bool = False  # with tp > 1: norms, adds and dropout on a 1/tp shard of the rows
     # output
     output_dir: str = "runs/default"
@@ -177,6 +179,12 @@ class TrainConfig:
         if self.grad_reduce_dtype != "fp32" and self.distributed_optimizer is False:
             raise ValueError("TrainConfig: grad_reduce_dtype=bf16 needs the distributed optimizer "
                              "(set distributed_optimizer=true or leave it null)")
+        if not isinstance(self.shard_gradients, bool):
+            raise ValueError(f"TrainConfig: shard_gradients must be true or false, got {self.shard_gradients!r}")
+        if self.shard_gradients and self.distributed_optimizer is False:
+            raise ValueError("TrainConfig: shard_gradients=true needs the distributed optimizer (set "
+                             "distributed_optimizer=true or leave it null, and run with dp > 1), or set "
+                             "shard_gradients=false")
         from libra_model.modules.recompute import check_mode
 
         check_mode(self.activation_checkpointing)
@@ -503,8 +511,10 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
     if cfg.grad_reduce_dtype != "fp32" and not distributed_optimizer:
         raise ValueError(f"TrainConfig: grad_reduce_dtype={cfg.grad_reduce_dtype} needs the distributed optimizer, "
                          f"which is off at dp={parallel.dp} (set distributed_optimizer=true)")
+    shard_gradients = shards_gradients(cfg, parallel.dp)  # ValueError when set without the distributed optimizer
     if distributed_optimizer:
-        optimizer = DistributedMasterAdamW(model, parallel, grad_reduce_dtype=cfg.grad_reduce_dtype, **adamw)
+        optimizer = DistributedMasterAdamW(model, parallel, grad_reduce_dtype=cfg.grad_reduce_dtype,
+                                           shard_gradients=shard_gradients, **adamw)
     else:
         optimizer = MasterAdamW(model, **adamw)
 
@@ -557,7 +567,8 @@ def train(cfg: TrainConfig, parallel: ParallelState | None = None) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * cfg.max_steps))
     _say(parallel, f"Libra training: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
                    f"{total:,} parameters ({trainable:,} trained); dp={parallel.dp} tp={parallel.tp} "
-                   f"({'distributed' if distributed_optimizer else 'replicated'} optimizer) "
+                   f"({'distributed' if distributed_optimizer else 'replicated'} optimizer"
+                   f"{', sharded gradients' if shard_gradients else ''}) "
                    f"on {parallel.device.type}, {str(dtype)[6:]} compute; global batch {cfg.global_batch_size} = "
                    f"{cfg.micro_batch_size} × {accum} accumulation × {parallel.dp} dp; dataset {cfg.dataset} "
                    f"({len(source):,} samples); MFU peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")

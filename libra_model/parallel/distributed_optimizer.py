@@ -1,7 +1,10 @@
-"""The distributed optimizer (ZeRO-1 over the data-parallel group, Megatron style; docs/parallel.md).
+"""The distributed optimizer (ZeRO-1 over the data-parallel group, Megatron style, and optionally ZeRO-2;
+docs/parallel.md).
 
 Every DP rank keeps the full float32 gradient buffers (as :class:`~libra_model.optim.MasterAdamW` does) but only
-1/dp of the optimizer state: the float32 master weights and the two AdamW moments of its shard. Per step:
+1/dp of the optimizer state: the float32 master weights and the two AdamW moments of its shard. With
+``shard_gradients`` (ZeRO-2) it keeps only its 1/dp shard of the gradients too (see "Sharded gradients" below).
+Per step:
 
 1. Gradients of every micro-batch are added into the flat buffers by post-accumulate hooks. The buffers are cut into
    buckets of whole parameters (in reverse registration order, roughly the order the backward completes them); in
@@ -22,10 +25,23 @@ DP rank r owns its elements [r·padded_b/dp, (r+1)·padded_b/dp). A parameter ma
 on a rank is a "segment". Checkpoints (:meth:`dcp_state`) describe every segment in the coordinates of the full,
 unsharded parameter (a flat range of a row-major tensor is a few boxes), so a checkpoint loads at any DP and TP
 size, and into the plain MasterAdamW.
+
+Sharded gradients (``shard_gradients=True``, ZeRO-2): no full float32 gradient buffer exists. In EVERY micro-batch's
+backward a bucket's gradients are added into a transient full-bucket buffer in the reduce dtype (allocated when the
+bucket gets its first gradient of the micro-batch), the bucket is reduce-scattered over DP as soon as all its
+parameters have their gradient (buckets in bucket order on every rank, as above: a parameter without a gradient
+leaves zeros in its part) and, once the collective has finished, the rank's part is added into its float32 gradient
+shard and the transient buffer is freed. At most :data:`BUCKETS_IN_FLIGHT` reductions are outstanding (a launch
+first waits for the oldest), so the transient memory is a few buckets: those in flight and those filled but waiting
+for an earlier bucket (the vector parameters fill the last buckets, :func:`bucket_order`, so that a layer's norms do
+not hold its blocks back). After the last micro-batch the step goes on
+exactly as with ZeRO-1 (TP all-reduce of the partial shard, norm, clipping, AdamW, all-gather). The cost: one
+reduce-scatter per bucket per micro-batch instead of per step.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 
@@ -33,14 +49,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from libra_model.memory import BUCKETS_IN_FLIGHT, GRAD_BUCKET_ELEMENTS, transient_grad_bytes
 from libra_model.modules.tensor_parallel import COLLECTIVES, tp_world_size
 from libra_model.optim import ADAMW_BETAS, ADAMW_EPS, no_weight_decay
 from libra_model.parallel.grads import clip_coefficient
 from libra_model.parallel.tp_plan import is_tp_partial, is_tp_sharded
 
 # Elements per bucket: large enough that a collective is bandwidth bound, small enough that the first buckets are
-# reduced while most of the backward is still running.
-DEFAULT_BUCKET_ELEMENTS = 1 << 25
+# reduced while most of the backward is still running (the planner, libra_model.memory, uses the same numbers).
+DEFAULT_BUCKET_ELEMENTS = GRAD_BUCKET_ELEMENTS
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -54,9 +71,11 @@ class _Bucket:
     shard: int = 0  # padded / dp: the elements each rank owns
     shard_start: int = 0  # first element of this rank's part in the group's shard buffers
     names: list[str] = field(default_factory=list)
-    pending: int = 0  # parameters still without their last-micro-batch gradient
+    pending: int = 0  # parameters still without their gradient of the micro-batch being reduced
     handle: object = None
     staging: tuple | None = None  # (shard, bucket) in the reduce dtype when the reduction is not in float32
+    grad: torch.Tensor | None = None  # sharded gradients: the transient full-bucket gradient (reduce dtype)
+    launched: bool = False  # sharded gradients: reduced in the current micro-batch already
 
 
 @dataclass
@@ -100,6 +119,18 @@ def flat_range_boxes(lo: int, hi: int, shape: tuple[int, ...]) -> list[tuple[tup
     return boxes
 
 
+def bucket_order(params: list, shard_gradients: bool) -> list:
+    """The order in which parameters (``(name, param)`` in registration order) fill the buckets: reverse registration
+    order, roughly the order the backward completes them. With sharded gradients the vector parameters (norm weights,
+    biases: ndim <= 1) come last: a decoder layer registers its norms after its attention and MLP, so in reverse
+    order they would open the layer's first bucket while their gradients arrive at the end of each block, holding
+    every completed bucket of the block back (and its transient buffer alive); they are a tiny part of the model."""
+    reverse = list(reversed(params))
+    if not shard_gradients:
+        return reverse
+    return [item for item in reverse if item[1].dim() > 1] + [item for item in reverse if item[1].dim() <= 1]
+
+
 def _reduce_scatter(output: torch.Tensor, x: torch.Tensor, group, async_op: bool):
     return dist.reduce_scatter_tensor(output, x, group=group, async_op=async_op)
 
@@ -110,9 +141,10 @@ def _all_gather(output: torch.Tensor, x: torch.Tensor, group, async_op: bool):
 
 
 class DistributedMasterAdamW:
-    """AdamW with float32 masters and moments sharded over the DP group (ZeRO-1); the interface of
-    :class:`~libra_model.optim.MasterAdamW` (``reduce`` → ``clip_`` → ``step`` → ``zero_grad``) plus
-    :meth:`start_last_micro_batch`, which the step calls before the last micro-batch's backward.
+    """AdamW with float32 masters and moments sharded over the DP group (ZeRO-1; with ``shard_gradients`` the
+    gradients too, ZeRO-2); the interface of :class:`~libra_model.optim.MasterAdamW`: :meth:`start_micro_batch`
+    before and :meth:`finish_micro_batch` after every micro-batch's backward, then ``reduce`` → ``clip_`` → ``step``
+    → ``zero_grad``.
 
     Args:
         model: the (already TP-sharded) model; its trainable parameters all have one dtype. Their storage is moved
@@ -122,17 +154,23 @@ class DistributedMasterAdamW:
         bucket_elements: target elements per bucket (a bucket holds whole parameters, so it may be larger).
         grad_reduce_dtype: "fp32" (default) or "bf16": the dtype the gradients travel in over DP (the buffers and
             the shards stay float32; bf16 halves the traffic and rounds each rank's contribution).
+        shard_gradients: keep only this rank's 1/dp shard of the float32 gradients (ZeRO-2): every micro-batch's
+            gradients are reduce-scattered bucket by bucket during its backward through transient bucket buffers
+            (module docstring). Off: the full gradient buffers, reduced once per step (ZeRO-1).
     """
 
     def __init__(self, model: nn.Module, parallel, *, lr: float = 1e-4, betas: tuple[float, float] = ADAMW_BETAS,
                  eps: float = ADAMW_EPS, weight_decay: float = 0.01, master_dtype: torch.dtype = torch.float32,
                  initial_masters: dict[str, torch.Tensor] | None = None,
-                 bucket_elements: int = DEFAULT_BUCKET_ELEMENTS, grad_reduce_dtype: str = "fp32"):
+                 bucket_elements: int = DEFAULT_BUCKET_ELEMENTS, grad_reduce_dtype: str = "fp32",
+                 shard_gradients: bool = False):
         if grad_reduce_dtype not in REDUCE_DTYPES:
             raise ValueError(f"DistributedMasterAdamW: grad_reduce_dtype must be one of {sorted(REDUCE_DTYPES)}, "
                              f"got {grad_reduce_dtype!r}")
         if isinstance(bucket_elements, bool) or not isinstance(bucket_elements, int) or bucket_elements <= 0:
             raise ValueError(f"DistributedMasterAdamW: bucket_elements must be a positive int, got {bucket_elements!r}")
+        if not isinstance(shard_gradients, bool):
+            raise ValueError(f"DistributedMasterAdamW: shard_gradients must be True or False, got {shard_gradients!r}")
         ordered = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not ordered:
             raise ValueError("DistributedMasterAdamW: the model has no trainable parameter")
@@ -145,6 +183,7 @@ class DistributedMasterAdamW:
         # "fp32" means the buffers' own dtype (float64 in parity tests): no cast at all.
         self.reduce_dtype = master_dtype if grad_reduce_dtype == "fp32" else REDUCE_DTYPES[grad_reduce_dtype]
         self.master_dtype = master_dtype
+        self.shard_gradients = shard_gradients
         self.names = sorted(n for n, _ in ordered)
         self.params = dict(ordered)
         device = ordered[0][1].device
@@ -170,7 +209,7 @@ class DistributedMasterAdamW:
             self.buckets.append(bucket)
             open_bucket[group] = None
 
-        for name, param in reversed(ordered):
+        for name, param in bucket_order(ordered, shard_gradients):
             group = "partial" if is_tp_partial(param) else "other"
             if open_bucket[group] is None:
                 open_bucket[group] = _Bucket(group=group, start=sizes[group])
@@ -184,14 +223,18 @@ class DistributedMasterAdamW:
         close("partial")
         close("other")
 
-        self.grad_buffers = {g: torch.zeros(sizes[g], dtype=master_dtype, device=device) for g in sizes}
+        self._sizes = dict(sizes)
+        # Sharded gradients: no full buffer (each bucket's transient buffer lives only while it is reduced).
+        self.grad_buffers = {} if shard_gradients else {
+            g: torch.zeros(sizes[g], dtype=master_dtype, device=device) for g in sizes}
         self.param_buffers = {g: torch.zeros(sizes[g], dtype=param_dtype, device=device) for g in sizes}
         self.grad_shards = {g: torch.zeros(shard_sizes[g], dtype=master_dtype, device=device) for g in sizes}
         self.master_shards = {g: torch.zeros(shard_sizes[g], dtype=master_dtype, device=device) for g in sizes}
         self.exp_avg = {g: torch.zeros(shard_sizes[g], dtype=master_dtype, device=device) for g in sizes}
         self.exp_avg_sq = {g: torch.zeros(shard_sizes[g], dtype=master_dtype, device=device) for g in sizes}
-        self.main_grads: dict[str, torch.Tensor] = {}
+        self.main_grads: dict[str, torch.Tensor] = {}  # name -> its full gradient (ZeRO-1 only)
         self._bucket_of: dict[str, _Bucket] = {}
+        self._offsets = offsets
         self.segments: list[_Segment] = []
         initial_masters = initial_masters or {}
         for bucket in self.buckets:
@@ -201,7 +244,8 @@ class DistributedMasterAdamW:
                 param, (group, start) = self.params[name], offsets[name]
                 end = start + param.numel()
                 self._bucket_of[name] = bucket
-                self.main_grads[name] = self.grad_buffers[group][start:end].view(param.shape)
+                if not shard_gradients:
+                    self.main_grads[name] = self.grad_buffers[group][start:end].view(param.shape)
                 start_value = initial_masters.get(name, param).detach()
                 if start_value.shape != param.shape:
                     raise ValueError(f"DistributedMasterAdamW: initial_masters[{name!r}] has shape "
@@ -216,8 +260,9 @@ class DistributedMasterAdamW:
                     self._shard_view(self.master_shards, segment).copy_(
                         start_value.reshape(-1)[segment.lo:segment.hi].to(master_dtype))
                 param.register_post_accumulate_grad_hook(self._accumulate_hook(name))
-        self._offsets = offsets
-        self._last_micro_batch = False
+        self._last_micro_batch = False  # ZeRO-1: the step's last micro-batch is running
+        self._in_micro_batch = False  # sharded gradients: between start_micro_batch and finish_micro_batch
+        self._in_flight: collections.deque[_Bucket] = collections.deque()  # sharded gradients, oldest first
         self._next_launch = 0
 
         # torch's AdamW over views of the shards (leaf Parameters sharing the shard storage), state created eagerly
@@ -249,6 +294,8 @@ class DistributedMasterAdamW:
 
     # ------------------------------------------------------------------------------------------- reduction
     def _accumulate_hook(self, name: str):
+        if self.shard_gradients:
+            return self._transient_hook(name)
         main, bucket = self.main_grads[name], self._bucket_of[name]
 
         def hook(param: torch.Tensor) -> None:
@@ -261,13 +308,58 @@ class DistributedMasterAdamW:
 
         return hook
 
-    def start_last_micro_batch(self) -> None:
-        """Call before the backward of the step's last micro-batch: from then on each bucket is reduce-scattered as
-        soon as it is complete."""
-        self._last_micro_batch = True
+    def _transient_hook(self, name: str):
+        """Sharded gradients: the hook that adds ``name``'s gradient into its bucket's transient buffer."""
+        bucket, (_, start) = self._bucket_of[name], self._offsets[name]
+        lo, shape = start - bucket.start, self.params[name].shape
+        hi = lo + self.params[name].numel()
+
+        def hook(param: torch.Tensor) -> None:
+            if not self._in_micro_batch:
+                raise RuntimeError(f"DistributedMasterAdamW(shard_gradients=True): gradient of {name} outside a "
+                                   "micro-batch; call start_micro_batch(last) before every backward and "
+                                   "finish_micro_batch() after it (train_step does)")
+            if bucket.launched:
+                raise RuntimeError(f"DistributedMasterAdamW: a second gradient of {name} in one backward, after its "
+                                   "bucket was reduced (its hook fired twice: reentrant recomputation, or a "
+                                   "backward that was not announced with start_micro_batch)")
+            if bucket.grad is None:
+                bucket.grad = torch.zeros(bucket.padded, dtype=self.reduce_dtype, device=param.grad.device)
+            bucket.grad[lo:hi].view(shape).add_(param.grad)
+            param.grad = None
+            bucket.pending -= 1
+            if bucket.pending == 0:
+                self._launch_ready()
+
+        return hook
+
+    def start_micro_batch(self, last: bool) -> None:
+        """Call before each micro-batch's backward (``last``: the step's last one). ZeRO-1 reduce-scatters each bucket
+        as soon as it is complete in the last micro-batch's backward; with sharded gradients every micro-batch's
+        backward does."""
+        if self.shard_gradients:
+            self.finish_micro_batch()  # a micro-batch left open (its backward never finished) is reduced first
+            self._in_micro_batch = True
+        elif not last:
+            return
+        self._last_micro_batch = last
         self._next_launch = 0
         for bucket in self.buckets:
             bucket.pending = len(bucket.names)
+            bucket.launched = False
+
+    def finish_micro_batch(self) -> None:
+        """Call after each micro-batch's backward. With sharded gradients: the buckets not yet reduced (some parameter
+        got no gradient on this rank) are launched in order and every outstanding reduction is waited for and added
+        into the shard, so no transient buffer outlives the micro-batch; ZeRO-1: nothing (``reduce`` finishes)."""
+        if not (self.shard_gradients and self._in_micro_batch):
+            return
+        for bucket in self.buckets[self._next_launch:]:
+            self._launch(bucket)
+        self._next_launch = len(self.buckets)
+        while self._in_flight:
+            self._complete(self._in_flight.popleft())
+        self._in_micro_batch = False
 
     def _launch_ready(self) -> None:
         while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].pending == 0:
@@ -275,6 +367,9 @@ class DistributedMasterAdamW:
             self._next_launch += 1
 
     def _launch(self, bucket: _Bucket) -> None:
+        if self.shard_gradients:
+            self._launch_transient(bucket)
+            return
         full, own = self._full(bucket, self.grad_buffers), self._own(bucket, self.grad_shards)
         if self.dp == 1:
             own.copy_(full)
@@ -288,22 +383,49 @@ class DistributedMasterAdamW:
             bucket.handle = _reduce_scatter(own, full, self.parallel.dp_group, True)
         COLLECTIVES[("grad_reduce_scatter_dp", "step")] += 1
 
+    def _launch_transient(self, bucket: _Bucket) -> None:
+        """Sharded gradients: reduce-scatter the bucket's transient buffer (zeros when no parameter of it got a
+        gradient on this rank), after waiting for the oldest reduction when BUCKETS_IN_FLIGHT are outstanding."""
+        own = self._own(bucket, self.grad_shards)
+        grad = bucket.grad
+        if grad is None:
+            grad = torch.zeros(bucket.padded, dtype=self.reduce_dtype, device=own.device)
+        bucket.grad, bucket.launched = None, True
+        if self.dp == 1:
+            own.add_(grad)
+            return
+        while len(self._in_flight) >= BUCKETS_IN_FLIGHT:
+            self._complete(self._in_flight.popleft())
+        bucket.staging = (torch.empty(bucket.shard, dtype=self.reduce_dtype, device=own.device), grad)
+        bucket.handle = _reduce_scatter(*bucket.staging, self.parallel.dp_group, True)
+        COLLECTIVES[("grad_reduce_scatter_dp", "step")] += 1
+        self._in_flight.append(bucket)
+
+    def _complete(self, bucket: _Bucket) -> None:
+        """Sharded gradients: wait for a bucket's reduction, add its part into the shard, free its buffers."""
+        bucket.handle.wait()
+        self._own(bucket, self.grad_shards).add_(bucket.staging[0])
+        bucket.handle = bucket.staging = None
+
     def reduce(self, parallel=None) -> None:
         """Finish the step's gradient reduction: every bucket's shard summed over DP (launching the buckets not yet
         launched, in order), the TP-partial shard summed over TP. ``parallel`` is accepted for the interface of
         ``MasterAdamW`` and must be the state given at construction."""
-        if not self._last_micro_batch:
-            self.start_last_micro_batch()  # no backward announced its last micro-batch: reduce everything now
-        for bucket in self.buckets[self._next_launch:]:
-            self._launch(bucket)
-        self._next_launch = len(self.buckets)
-        for bucket in self.buckets:
-            if bucket.handle is not None:
-                bucket.handle.wait()
-                bucket.handle = None
-            if bucket.staging is not None:
-                self._own(bucket, self.grad_shards).copy_(bucket.staging[0])
-                bucket.staging = None
+        if self.shard_gradients:
+            self.finish_micro_batch()  # each micro-batch was reduced in its own backward
+        else:
+            if not self._last_micro_batch:
+                self.start_micro_batch(last=True)  # no backward announced its last micro-batch: reduce everything
+            for bucket in self.buckets[self._next_launch:]:
+                self._launch(bucket)
+            self._next_launch = len(self.buckets)
+            for bucket in self.buckets:
+                if bucket.handle is not None:
+                    bucket.handle.wait()
+                    bucket.handle = None
+                if bucket.staging is not None:
+                    self._own(bucket, self.grad_shards).copy_(bucket.staging[0])
+                    bucket.staging = None
         self._last_micro_batch = False
         if self.tp > 1 and self.grad_shards["partial"].numel():
             dist.all_reduce(self.grad_shards["partial"], group=self.parallel.tp_group)
@@ -368,18 +490,33 @@ class DistributedMasterAdamW:
         for handle in handles:
             handle.wait()
 
+    def transient_grad_bytes(self) -> int:
+        """Sharded gradients: the planned bound on the transient bucket buffers in bytes
+        (``libra_model.memory.transient_grad_bytes``: BUCKETS_IN_FLIGHT reductions with their output shards and
+        BUCKETS_FILLING buckets being filled, counted as the largest buckets). A bucket completed while an earlier
+        one still waits for a gradient is held until its turn, so a parameter whose gradient comes late in the
+        backward (or never, on this rank) holds more. 0 without sharded gradients."""
+        if not self.shard_gradients:
+            return 0
+        itemsize = torch.empty((), dtype=self.reduce_dtype).element_size()
+        return transient_grad_bytes([bucket.padded for bucket in self.buckets], self.dp, itemsize)
+
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank allocates for training state: "weights" (the flat trainable parameter buffers),
-        "grads" (the float32 gradient buffers and their shard), "optimizer" (master shard and both moments)."""
+        "grads" (the float32 gradient buffers (ZeRO-1 only) and the rank's shard, plus with sharded gradients the
+        bound on the transient bucket buffers, :meth:`transient_grad_bytes`), "optimizer" (master shard and both
+        moments)."""
         size = lambda buffers: sum(t.numel() * t.element_size() for t in buffers.values())  # noqa: E731
-        return {"weights": size(self.param_buffers), "grads": size(self.grad_buffers) + size(self.grad_shards),
+        grads = size(self.grad_buffers) + size(self.grad_shards) + self.transient_grad_bytes()
+        return {"weights": size(self.param_buffers), "grads": grads,
                 "optimizer": size(self.master_shards) + size(self.exp_avg) + size(self.exp_avg_sq)}
 
     # ------------------------------------------------------------------------------------------ checkpoint
     @torch.no_grad()
     def _gather(self, shards: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """name -> the full (TP-local) tensor of ``shards`` (masters or a moment), gathered over DP."""
-        full = {g: torch.zeros_like(self.grad_buffers[g]) for g in self.grad_buffers}
+        full = {g: torch.zeros(n, dtype=self.master_dtype, device=self.master_shards[g].device)
+                for g, n in self._sizes.items()}
         for bucket in self.buckets:
             own, out = self._own(bucket, shards), self._full(bucket, full)
             if self.dp == 1:

@@ -135,7 +135,7 @@ def _dp2(rank, world_size, root):
 
     # Buckets are reduce-scattered during the last micro-batch's backward, not after it.
     optimizer.zero_grad()
-    optimizer.start_last_micro_batch()
+    optimizer.start_micro_batch(last=True)
     from libra_model.train_step import forward_loss
 
     forward_loss(model, micro[0], None).backward()
