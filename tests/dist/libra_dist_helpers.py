@@ -61,3 +61,53 @@ def slice_batch(batch: dict, start: int, stop: int) -> dict:
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def check_replicas_identical(model, group) -> None:
+    """Every rank of ``group`` holds bit-identical parameters (a SHA-256 of names and bytes, all-gathered)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, digest.hexdigest(), group=group)
+    assert len(set(everyone)) == 1, everyone
+
+
+def assert_state_equal(masters: dict, state: dict, expected: dict, steps: int) -> None:
+    """Masters and AdamW state (name -> {"exp_avg", "exp_avg_sq", "step"}) bit-equal to ``expected`` ({"masters",
+    "state"}), after ``steps`` steps."""
+    for name, value in expected["masters"].items():
+        assert torch.equal(masters[name], value), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[name][key], expected["state"][name][key]), (name, key)
+        assert int(state[name]["step"]) == int(expected["state"][name]["step"]) == steps, name
+
+
+def gathered_optimizer_state(model, optimizer, parallel) -> tuple[dict, dict]:
+    """(masters, state) of a distributed optimizer as full tensors: gathered over DP by the optimizer, over TP by
+    ``full_state_dict``."""
+    from libra_model.parallel.tp_plan import full_state_dict
+
+    masters = full_state_dict(model, parallel.tp_group, source=optimizer.master_params())
+    state = optimizer.named_state()
+    moments = {k: full_state_dict(model, parallel.tp_group, source={n: s[k] for n, s in state.items()})
+               for k in ("exp_avg", "exp_avg_sq")}
+    return masters, {n: {"exp_avg": moments["exp_avg"][n], "exp_avg_sq": moments["exp_avg_sq"][n], "step": s["step"]}
+                     for n, s in state.items()}
+
+
+def assert_matches_reference_shards(model, reference, tp_group, **tolerance) -> None:
+    """Each (TP-sharded) parameter of ``model`` equals this rank's shard of the same parameter of the unsharded
+    ``reference``."""
+    from libra_model.modules.tensor_parallel import tp_rule
+    from libra_model.parallel.tp_plan import local_shard
+
+    ref_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        want = local_shard(ref_params[name].detach(), tp_rule(name), tp_group)
+        torch.testing.assert_close(param.detach(), want, **tolerance, msg=lambda m, n=name: f"{n}: {m}")

@@ -2,22 +2,30 @@
 DP=2 against one process with the whole batch), keeps DP replicas bit-identical, issues the planned collectives,
 and its DCP checkpoints load at other DP and TP sizes with every value restored exactly."""
 
-import hashlib
 import math
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-from libra_dist_helpers import clone, make_batch, slice_batch, tiny_model
+from libra_dist_helpers import (
+    assert_matches_reference_shards,
+    assert_state_equal,
+    check_replicas_identical,
+    clone,
+    gathered_optimizer_state,
+    make_batch,
+    slice_batch,
+    tiny_model,
+)
 
 from libra_kernels.testing import run_in_process_group
-from libra_model.modules.tensor_parallel import COLLECTIVES, tp_rule
+from libra_model.modules.tensor_parallel import COLLECTIVES
 from libra_model.optim import MasterAdamW
 from libra_model.parallel import dcp_checkpoint as ckpt
 from libra_model.parallel.distributed_optimizer import DistributedMasterAdamW, flat_range_boxes
 from libra_model.parallel.mesh import ParallelState, init_parallel
-from libra_model.parallel.tp_plan import full_state_dict, local_shard, shard_model_
+from libra_model.parallel.tp_plan import shard_model_
 from libra_model.train_step import train_step
 
 pytestmark = pytest.mark.dist
@@ -71,20 +79,6 @@ def _train(parallel, model, batches, distributed, steps=3, dtype=torch.float64, 
     return optimizer, results
 
 
-def _params_hash(model) -> str:
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        digest.update(name.encode())
-        digest.update(param.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _check_replicas_identical(model, group):
-    hashes = [None] * dist.get_world_size(group)
-    dist.all_gather_object(hashes, _params_hash(model), group=group)
-    assert len(set(hashes)) == 1, hashes
-
-
 def _dp2(rank, world_size, root):
     torch.set_num_threads(1)
     parallel = init_parallel(tp=1)
@@ -110,7 +104,7 @@ def _dp2(rank, world_size, root):
         assert res[0].grad_norm > CLIP and res[-1].loss < res[0].loss
         for (name, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
             torch.testing.assert_close(b, a, **TOL64, msg=lambda m, n=name: f"{n}: {m}")
-        _check_replicas_identical(model, parallel.dp_group)
+        check_replicas_identical(model, parallel.dp_group)
         # Planned collectives per step: one reduce-scatter and one all-gather per bucket, one norm all-reduce, the
         # step's target counts and its logged totals; nothing else (no all-reduce of gradients).
         buckets = len(optimizer.buckets)
@@ -154,7 +148,7 @@ def _dp2(rank, world_size, root):
                                           for b in micro], distributed=True, grad_reduce_dtype="bf16", **f32)
     for a, b in zip(res32, res16):
         assert abs(a.loss - b.loss) < 2e-2 * abs(a.loss) and abs(a.grad_norm - b.grad_norm) < 2e-2 * a.grad_norm
-    _check_replicas_identical(model16, parallel.dp_group)
+    check_replicas_identical(model16, parallel.dp_group)
 
     # A checkpoint of the sharded state, and the gathered state it must restore, for the loads in other layouts.
     full = tiny_model()
@@ -167,11 +161,7 @@ def _dp2(rank, world_size, root):
 
 
 def _assert_state_equal(masters, state, expected):
-    for name, value in expected["masters"].items():
-        assert torch.equal(masters[name], value), name
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(state[name][key], expected["state"][name][key]), (name, key)
-        assert int(state[name]["step"]) == int(expected["state"][name]["step"]) == 3, name
+    assert_state_equal(masters, state, expected, steps=3)
 
 
 def _tp2_dp2(rank, world_size, root):
@@ -196,13 +186,7 @@ def _tp2_dp2(rank, world_size, root):
     model = shard_model_(tiny_model(seed=1), parallel.tp_group)
     optimizer = DistributedMasterAdamW(model, parallel, master_dtype=torch.float64, bucket_elements=BUCKET)
     ckpt.load_checkpoint(path, model, optimizer, parallel)
-    masters = full_state_dict(model, parallel.tp_group, source=optimizer.master_params())
-    state = optimizer.named_state()
-    moments = {k: full_state_dict(model, parallel.tp_group, source={n: s[k] for n, s in state.items()})
-               for k in ("exp_avg", "exp_avg_sq")}
-    gathered = {n: {"exp_avg": moments["exp_avg"][n], "exp_avg_sq": moments["exp_avg_sq"][n], "step": s["step"]}
-                for n, s in state.items()}
-    _assert_state_equal(masters, gathered, expected)
+    _assert_state_equal(*gathered_optimizer_state(model, optimizer, parallel), expected)
 
     # TP=2 x DP=2 with the distributed optimizer equals TP=1 x DP=1 on the same global batch.
     full = tiny_model()
@@ -216,11 +200,8 @@ def _tp2_dp2(rank, world_size, root):
     optimizer, res = _train(parallel, model, [slice_batch(mine, 0, 1), slice_batch(mine, 1, 2)], distributed=True)
     for a, b in zip(res_ref, res):
         assert abs(a.loss - b.loss) < 1e-10 and abs(a.grad_norm - b.grad_norm) < 1e-10, (a, b)
-    ref_params = dict(ref.named_parameters())
-    for name, param in model.named_parameters():
-        want = local_shard(ref_params[name].detach(), tp_rule(name), parallel.tp_group)
-        torch.testing.assert_close(param.detach(), want, **TOL64, msg=lambda m, n=name: f"{n}: {m}")
-    _check_replicas_identical(model, parallel.dp_group)
+    assert_matches_reference_shards(model, ref, parallel.tp_group, **TOL64)
+    check_replicas_identical(model, parallel.dp_group)
     buckets = len(optimizer.buckets)
     assert COLLECTIVES[("grad_reduce_scatter_dp", "step")] == 3 * buckets
     assert COLLECTIVES[("param_all_gather_dp", "step")] == 3 * buckets

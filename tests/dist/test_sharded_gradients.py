@@ -4,24 +4,31 @@ gets no gradient on one rank), TP=2 x DP=2 equals one process, the collectives a
 micro-batch, no full gradient buffer exists and the transient buckets stay bounded, and its checkpoints load at
 another DP size and without sharded gradients exactly."""
 
-import hashlib
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-from libra_dist_helpers import clone, make_batch, slice_batch, tiny_model
+from libra_dist_helpers import (
+    assert_matches_reference_shards,
+    assert_state_equal,
+    check_replicas_identical,
+    clone,
+    gathered_optimizer_state,
+    make_batch,
+    slice_batch,
+    tiny_model,
+)
 from torch import nn
 
-import libra_model.parallel.distributed_optimizer as zero
 from libra_kernels.testing import run_in_process_group
 from libra_model.memory import BUCKETS_FILLING, BUCKETS_IN_FLIGHT
-from libra_model.modules.tensor_parallel import COLLECTIVES, tp_rule
+from libra_model.modules.tensor_parallel import COLLECTIVES
 from libra_model.optim import MasterAdamW
 from libra_model.parallel import dcp_checkpoint as ckpt
 from libra_model.parallel.distributed_optimizer import DistributedMasterAdamW
 from libra_model.parallel.mesh import ParallelState, init_parallel
-from libra_model.parallel.tp_plan import full_state_dict, local_shard, shard_model_
+from libra_model.parallel.tp_plan import shard_model_
 from libra_model.train_step import train_step
 
 pytestmark = pytest.mark.dist
@@ -64,16 +71,6 @@ def _assert_same_training(res_a, res_b, model_a, model_b, tol=1e-10):
         torch.testing.assert_close(b, a, **TOL64, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def _check_replicas_identical(model, group):
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        digest.update(name.encode())
-        digest.update(param.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, digest.hexdigest(), group=group)
-    assert len(set(everyone)) == 1, everyone
-
-
 class _HeldTransients:
     """Records the peak of the transient bucket buffers of a sharded-gradient optimizer (bytes of the buckets being
     filled and of the reductions in flight, taken as each bucket is launched, before anything is freed) and the
@@ -111,7 +108,7 @@ def _dp2(rank, world_size, root):
     assert res2[0].grad_norm > CLIP and res2[-1].loss < res2[0].loss
     _assert_same_training(res_ref, res2, ref, zero2)
     _assert_same_training(res1, res2, zero1, zero2)
-    _check_replicas_identical(zero2, parallel.dp_group)
+    check_replicas_identical(zero2, parallel.dp_group)
     # Collectives: one reduce-scatter per bucket per micro-batch, the rest as with ZeRO-1 (once per step).
     buckets = len(optimizer.buckets)
     assert buckets > 10
@@ -149,7 +146,7 @@ def _dp2(rank, world_size, root):
     for a, b, c in zip(res32, res1_16, res2_16):
         assert abs(a.loss - c.loss) < 2e-2 * abs(a.loss) and abs(a.grad_norm - c.grad_norm) < 2e-2 * a.grad_norm
         assert abs(b.loss - c.loss) < 2e-2 * abs(b.loss) and abs(b.grad_norm - c.grad_norm) < 2e-2 * b.grad_norm
-    _check_replicas_identical(model16, parallel.dp_group)
+    check_replicas_identical(model16, parallel.dp_group)
     assert opt16.transient_grad_bytes() == transient // 4  # the same buckets, 2-byte elements instead of 8
     # At buckets about the size of a block (as at the 11B model's default), the peak stays within the planned bound.
     for bucket_elements in (12000, 30000):
@@ -221,7 +218,7 @@ def _dp2_missing_gradient(rank, world_size):
     assert norms == pytest.approx(norms_ref, rel=1e-12)
     for (name, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
         torch.testing.assert_close(b, a, **TOL64, msg=lambda m, n=name: f"{n}: {m}")
-    _check_replicas_identical(model, parallel.dp_group)
+    check_replicas_identical(model, parallel.dp_group)
 
 
 def test_sharded_gradients_equal_zero1_and_replicated_at_dp2(tmp_path):
@@ -278,11 +275,7 @@ def test_sharded_gradients_add_no_host_read():
 
 
 def _assert_state_equal(masters, state, expected):
-    for name, value in expected["masters"].items():
-        assert torch.equal(masters[name], value), name
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(state[name][key], expected["state"][name][key]), (name, key)
-        assert int(state[name]["step"]) == int(expected["state"][name]["step"]) == STEPS, name
+    assert_state_equal(masters, state, expected, steps=STEPS)
 
 
 def _tp2_dp2(rank, world_size, root):
@@ -317,13 +310,7 @@ def _tp2_dp2(rank, world_size, root):
     model = shard_model_(tiny_model(seed=1), parallel.tp_group)
     optimizer = DistributedMasterAdamW(model, parallel, master_dtype=torch.float64, bucket_elements=BUCKET)
     ckpt.load_checkpoint(path, model, optimizer, parallel)
-    masters = full_state_dict(model, parallel.tp_group, source=optimizer.master_params())
-    state = optimizer.named_state()
-    moments = {k: full_state_dict(model, parallel.tp_group, source={n: s[k] for n, s in state.items()})
-               for k in ("exp_avg", "exp_avg_sq")}
-    gathered = {n: {"exp_avg": moments["exp_avg"][n], "exp_avg_sq": moments["exp_avg_sq"][n], "step": s["step"]}
-                for n, s in state.items()}
-    _assert_state_equal(masters, gathered, expected)
+    _assert_state_equal(*gathered_optimizer_state(model, optimizer, parallel), expected)
 
     # TP=2 x DP=2 with sharded gradients equals one process with the whole batch (DP rank r: rank r's batches).
     full = tiny_model()
@@ -334,11 +321,8 @@ def _tp2_dp2(rank, world_size, root):
     optimizer, res = _train(parallel, model, expected["batches"][parallel.dp_rank], "zero2")
     for a, b in zip(res_ref, res):
         assert abs(a.loss - b.loss) < 1e-10 and abs(a.grad_norm - b.grad_norm) < 1e-10, (a, b)
-    ref_params = dict(ref.named_parameters())
-    for name, param in model.named_parameters():
-        want = local_shard(ref_params[name].detach(), tp_rule(name), parallel.tp_group)
-        torch.testing.assert_close(param.detach(), want, **TOL64, msg=lambda m, n=name: f"{n}: {m}")
-    _check_replicas_identical(model, parallel.dp_group)
+    assert_matches_reference_shards(model, ref, parallel.tp_group, **TOL64)
+    check_replicas_identical(model, parallel.dp_group)
     buckets = len(optimizer.buckets)
     assert COLLECTIVES[("grad_reduce_scatter_dp", "step")] == buckets * MICRO * STEPS
     assert COLLECTIVES[("param_all_gather_dp", "step")] == buckets * STEPS

@@ -8,11 +8,11 @@ import torch.distributed as dist
 from libra_dist_helpers import clone, make_batch, slice_batch, tiny_model
 
 from libra_kernels.testing import run_in_process_group
-from libra_model.optim import MasterAdamW
 from libra_model.modules.tensor_parallel import COLLECTIVES, tp_rule
+from libra_model.optim import MasterAdamW
 from libra_model.parallel.grads import check_replicated_equal
-from libra_model.parallel.tp_plan import is_tp_partial, is_tp_sharded, local_shard, shard_model_
 from libra_model.parallel.mesh import ParallelState, init_parallel
+from libra_model.parallel.tp_plan import is_tp_partial, is_tp_sharded, local_shard, shard_model_
 from libra_model.train_step import forward_loss, train_step
 
 pytestmark = pytest.mark.dist

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.dist
 
 def _tp2_runs(rank, world_size, processor, root):
     import libra_model.trainer as trainer
-    from libra_model.parallel.tp_plan import full_state_dict
     from libra_model.parallel.mesh import init_parallel
+    from libra_model.parallel.tp_plan import full_state_dict
 
     torch.set_num_threads(1)  # two processes on a small CPU: oversubscribed OpenMP threads spin and stall
     parallel = init_parallel(tp=2)
