@@ -8,8 +8,7 @@ the trainer calls :func:`plan_memory` itself at start. Nothing here is a hand fo
   ``distributed_optimizer`` is on (its default: dp > 1; ZeRO-1's reduced 1/dp gradient shard beside the full
   buffers is left out); with ``shard_gradients`` (ZeRO-2) the gradients are this
   rank's 1/dp shard plus the distributed optimizer's bound on its transient bucket buffers (the buckets laid out by
-  the optimizer's rule: whole parameters in reverse registration order, TP-partial ones apart, closed at
-  :data:`GRAD_BUCKET_ELEMENTS`);
+  the optimizer's own ``bucket_layout``);
 * the activations come from tracing the model on the meta device at the config's micro-batch and length (each
   sample holds one image, the rest text): the bytes saved for backward, deduplicated by storage, of a model with
   one and with two decoder layers give the per-layer and the fixed part; the checkpointing mode then decides what
@@ -28,17 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from libra_model.parallel.distributed_optimizer import DEFAULT_BUCKET_ELEMENTS, bucket_layout, transient_grad_bytes
+
 GIB = 1024 ** 3
 ALLOWANCE_GIB = 2.5  # CUDA context (~0.5-1 GiB), NCCL communicators and buffers, allocator slack
-# The distributed optimizer's bucketing (libra_model.parallel.distributed_optimizer takes these): elements per
-# gradient bucket, and with sharded gradients the bucket reductions outstanding at once.
-GRAD_BUCKET_ELEMENTS = 1 << 25
-BUCKETS_IN_FLIGHT = 2
-# Buckets holding gradients while not yet launched: a bucket waits until every parameter in it, and in every bucket
-# before it, has its gradient, and the projections of one attention or MLP block complete together at the block's
-# end (a block of the 11B model spans two to three buckets at the default size). An estimate, not a guarantee: the
-# tests measure the peak against it.
-BUCKETS_FILLING = 3
 
 
 @dataclass
@@ -117,34 +109,11 @@ def shards_gradients(cfg, dp: int) -> bool:
     return True
 
 
-def bucket_sizes(params: list[tuple[bool, int, int]], dp: int, bucket_elements: int = GRAD_BUCKET_ELEMENTS
+def bucket_sizes(params: list[tuple[bool, int, int]], dp: int, bucket_elements: int = DEFAULT_BUCKET_ELEMENTS
                  ) -> list[int]:
     """The padded sizes of the distributed optimizer's gradient buckets with sharded gradients, from (TP-partial?,
-    local elements, ndim) of the trainable parameters in registration order, laid out by the optimizer's rule: whole
-    parameters in reverse registration order with the vectors (ndim <= 1) last, the two kinds of gradient in separate
-    buckets, a bucket closed once it holds ``bucket_elements``, each padded to a multiple of ``dp``."""
-    reverse = list(reversed(params))
-    ordered = [p for p in reverse if p[2] > 1] + [p for p in reverse if p[2] <= 1]
-    sizes, filling = [], {True: 0, False: 0}
-    for partial, numel, _ in ordered:
-        filling[partial] += numel
-        if filling[partial] >= bucket_elements:
-            sizes.append(filling[partial])
-            filling[partial] = 0
-    sizes += [n for n in (filling[True], filling[False]) if n]
-    return [-(-n // dp) * dp for n in sizes]
-
-
-def transient_grad_bytes(buckets: list[int], dp: int, itemsize: int) -> int:
-    """Sharded gradients: the bound on the transient bucket buffers, in bytes, for buckets of these padded sizes
-    reduced in the dtype of ``itemsize`` bytes: the reductions in flight (at most :data:`BUCKETS_IN_FLIGHT` full
-    buckets and their output shards) and :data:`BUCKETS_FILLING` buckets being filled, counted as the largest
-    buckets (at dp = 1 a bucket is added into the shard as it completes: only the ones being filled)."""
-    largest = sorted(buckets, reverse=True)
-    if dp == 1:
-        return sum(largest[:BUCKETS_FILLING]) * itemsize
-    in_flight = sum(largest[:BUCKETS_IN_FLIGHT]) // dp
-    return (sum(largest[:BUCKETS_IN_FLIGHT + BUCKETS_FILLING]) + in_flight) * itemsize
+    local elements, ndim) of the trainable parameters in registration order (the optimizer's ``bucket_layout``)."""
+    return [padded for _, _, padded in bucket_layout(params, dp, bucket_elements, shard_gradients=True)]
 
 
 def state_bytes(cfg, config, tp: int, dp: int, device_type: str = "cuda", *, freeze=None) -> dict[str, int]:

@@ -11,7 +11,8 @@ PACKAGES = ("libra_kernels", "libra_model")
 # The application side of libra_model (the trainer with its parallel machinery, optimizer and data pipelines, and the
 # evaluation built on them): the only modules that may import libra_model.parallel, the trainer or the data pipelines.
 TRAINER_SIDE = ("libra_model.parallel", "libra_model.trainer", "libra_model.train_step", "libra_model.optim",
-                "libra_model.data", "libra_model.evaluate", "libra_model.eval", "libra_model.plan")
+                "libra_model.data", "libra_model.evaluate", "libra_model.eval", "libra_model.plan",
+                "libra_model.memory")
 
 
 def _modules() -> dict[str, str]:

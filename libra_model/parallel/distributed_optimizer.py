@@ -33,7 +33,7 @@ parameters have their gradient (buckets in bucket order on every rank, as above:
 leaves zeros in its part) and, once the collective has finished, the rank's part is added into its float32 gradient
 shard and the transient buffer is freed. At most :data:`BUCKETS_IN_FLIGHT` reductions are outstanding (a launch
 first waits for the oldest), so the transient memory is a few buckets: those in flight and those filled but waiting
-for an earlier bucket (the vector parameters fill the last buckets, :func:`bucket_order`, so that a layer's norms do
+for an earlier bucket (the vector parameters fill the last buckets, :func:`bucket_layout`, so that a layer's norms do
 not hold its blocks back). After the last micro-batch the step goes on
 exactly as with ZeRO-1 (TP all-reduce of the partial shard, norm, clipping, AdamW, all-gather). The cost: one
 reduce-scatter per bucket per micro-batch instead of per step.
@@ -49,7 +49,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from libra_model.memory import BUCKETS_IN_FLIGHT, GRAD_BUCKET_ELEMENTS, transient_grad_bytes
 from libra_model.modules.tensor_parallel import COLLECTIVES, tp_world_size
 from libra_model.optim import ADAMW_BETAS, ADAMW_EPS, no_weight_decay
 from libra_model.parallel.grads import clip_coefficient
@@ -57,7 +56,14 @@ from libra_model.parallel.tp_plan import is_tp_partial, is_tp_sharded
 
 # Elements per bucket: large enough that a collective is bandwidth bound, small enough that the first buckets are
 # reduced while most of the backward is still running (the planner, libra_model.memory, uses the same numbers).
-DEFAULT_BUCKET_ELEMENTS = GRAD_BUCKET_ELEMENTS
+DEFAULT_BUCKET_ELEMENTS = 1 << 25
+# Sharded gradients: bucket reductions outstanding at once.
+BUCKETS_IN_FLIGHT = 2
+# Sharded gradients: buckets holding gradients while not yet launched. A bucket waits until every parameter in it, and
+# in every bucket before it, has its gradient, and the projections of one attention or MLP block complete together at
+# the block's end (a block of the 11B model spans two to three buckets at the default size). An estimate, not a
+# guarantee: the tests measure the peak against it.
+BUCKETS_FILLING = 3
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -119,16 +125,48 @@ def flat_range_boxes(lo: int, hi: int, shape: tuple[int, ...]) -> list[tuple[tup
     return boxes
 
 
-def bucket_order(params: list, shard_gradients: bool) -> list:
-    """The order in which parameters (``(name, param)`` in registration order) fill the buckets: reverse registration
-    order, roughly the order the backward completes them. With sharded gradients the vector parameters (norm weights,
-    biases: ndim <= 1) come last: a decoder layer registers its norms after its attention and MLP, so in reverse
-    order they would open the layer's first bucket while their gradients arrive at the end of each block, holding
-    every completed bucket of the block back (and its transient buffer alive); they are a tiny part of the model."""
-    reverse = list(reversed(params))
-    if not shard_gradients:
-        return reverse
-    return [item for item in reverse if item[1].dim() > 1] + [item for item in reverse if item[1].dim() <= 1]
+def bucket_layout(params: list[tuple[bool, int, int]], dp: int, bucket_elements: int, shard_gradients: bool
+                  ) -> list[tuple[bool, list[int], int]]:
+    """The gradient buckets, in launch order, as (TP-partial?, indices into ``params``, padded elements), from
+    (TP-partial?, local elements, ndim) of the trainable parameters in registration order: whole parameters in
+    reverse registration order (roughly the order the backward completes them), the two kinds of gradient in
+    separate buckets, a bucket closed once it holds ``bucket_elements``, each padded to a multiple of ``dp``.
+
+    With sharded gradients the vector parameters (norm weights, biases: ndim <= 1) come last: a decoder layer
+    registers its norms after its attention and MLP, so in reverse order they would open the layer's first bucket
+    while their gradients arrive at the end of each block, holding every completed bucket of the block back (and its
+    transient buffer alive); they are a tiny part of the model."""
+    order = list(reversed(range(len(params))))
+    if shard_gradients:
+        order = [i for i in order if params[i][2] > 1] + [i for i in order if params[i][2] <= 1]
+    buckets, open_bucket, filled = [], {True: [], False: []}, {True: 0, False: 0}
+
+    def close(partial):
+        if open_bucket[partial]:
+            buckets.append((partial, open_bucket[partial], -(-filled[partial] // dp) * dp))
+        open_bucket[partial], filled[partial] = [], 0
+
+    for i in order:
+        partial = params[i][0]
+        open_bucket[partial].append(i)
+        filled[partial] += params[i][1]
+        if filled[partial] >= bucket_elements:
+            close(partial)
+    close(True)
+    close(False)
+    return buckets
+
+
+def transient_grad_bytes(buckets: list[int], dp: int, itemsize: int) -> int:
+    """Sharded gradients: the bound on the transient bucket buffers, in bytes, for buckets of these padded sizes
+    reduced in the dtype of ``itemsize`` bytes: the reductions in flight (at most :data:`BUCKETS_IN_FLIGHT` full
+    buckets and their output shards) and :data:`BUCKETS_FILLING` buckets being filled, counted as the largest
+    buckets (at dp = 1 a bucket is added into the shard as it completes: only the ones being filled)."""
+    largest = sorted(buckets, reverse=True)
+    if dp == 1:
+        return sum(largest[:BUCKETS_FILLING]) * itemsize
+    in_flight = sum(largest[:BUCKETS_IN_FLIGHT]) // dp
+    return (sum(largest[:BUCKETS_IN_FLIGHT + BUCKETS_FILLING]) + in_flight) * itemsize
 
 
 def _reduce_scatter(output: torch.Tensor, x: torch.Tensor, group, async_op: bool):
@@ -189,39 +227,25 @@ class DistributedMasterAdamW:
         device = ordered[0][1].device
         param_dtype = ordered[0][1].dtype
 
-        # Buckets, in reverse registration order; each holds parameters of one group only.
+        # Buckets (bucket_layout); each holds parameters of one group only, laid out in its group's buffers.
         self.buckets: list[_Bucket] = []
         sizes = {"partial": 0, "other": 0}  # elements of each full buffer
         shard_sizes = {"partial": 0, "other": 0}
-        open_bucket: dict[str, _Bucket | None] = {"partial": None, "other": None}
         offsets: dict[str, tuple[str, int]] = {}  # name -> (group, first element in the group's buffer)
-        filled: dict[int, int] = {}
-
-        def close(group):
-            bucket = open_bucket[group]
-            if bucket is None:
-                return
-            bucket.padded = -(-filled[id(bucket)] // self.dp) * self.dp
-            bucket.shard = bucket.padded // self.dp
-            bucket.shard_start = shard_sizes[group]
+        entries = [(is_tp_partial(p), p.numel(), p.dim()) for _, p in ordered]
+        for partial, indices, padded in bucket_layout(entries, self.dp, bucket_elements, shard_gradients):
+            group = "partial" if partial else "other"
+            bucket = _Bucket(group=group, start=sizes[group], padded=padded, shard=padded // self.dp,
+                             shard_start=shard_sizes[group])
+            position = bucket.start
+            for i in indices:
+                name, param = ordered[i]
+                offsets[name] = (group, position)
+                position += param.numel()
+                bucket.names.append(name)
+            sizes[group] += padded
             shard_sizes[group] += bucket.shard
-            sizes[group] = bucket.start + bucket.padded
             self.buckets.append(bucket)
-            open_bucket[group] = None
-
-        for name, param in bucket_order(ordered, shard_gradients):
-            group = "partial" if is_tp_partial(param) else "other"
-            if open_bucket[group] is None:
-                open_bucket[group] = _Bucket(group=group, start=sizes[group])
-                filled[id(open_bucket[group])] = 0
-            bucket = open_bucket[group]
-            offsets[name] = (group, bucket.start + filled[id(bucket)])
-            filled[id(bucket)] += param.numel()
-            bucket.names.append(name)
-            if filled[id(bucket)] >= bucket_elements:
-                close(group)
-        close("partial")
-        close("other")
 
         self._sizes = dict(sizes)
         # Sharded gradients: no full buffer (each bucket's transient buffer lives only while it is reduced).
@@ -492,7 +516,7 @@ class DistributedMasterAdamW:
 
     def transient_grad_bytes(self) -> int:
         """Sharded gradients: the planned bound on the transient bucket buffers in bytes
-        (``libra_model.memory.transient_grad_bytes``: BUCKETS_IN_FLIGHT reductions with their output shards and
+        (:func:`transient_grad_bytes`: BUCKETS_IN_FLIGHT reductions with their output shards and
         BUCKETS_FILLING buckets being filled, counted as the largest buckets). A bucket completed while an earlier
         one still waits for a gradient is held until its turn, so a parameter whose gradient comes late in the
         backward (or never, on this rank) holds more. 0 without sharded gradients."""

@@ -22,11 +22,10 @@ from libra_dist_helpers import (
 from torch import nn
 
 from libra_kernels.testing import run_in_process_group
-from libra_model.memory import BUCKETS_FILLING, BUCKETS_IN_FLIGHT
 from libra_model.modules.tensor_parallel import COLLECTIVES
 from libra_model.optim import MasterAdamW
 from libra_model.parallel import dcp_checkpoint as ckpt
-from libra_model.parallel.distributed_optimizer import DistributedMasterAdamW
+from libra_model.parallel.distributed_optimizer import BUCKETS_FILLING, BUCKETS_IN_FLIGHT, DistributedMasterAdamW
 from libra_model.parallel.mesh import ParallelState, init_parallel
 from libra_model.parallel.tp_plan import shard_model_
 from libra_model.train_step import train_step
